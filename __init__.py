@@ -1,0 +1,3 @@
+"""pgherd: a PostgreSQL proxy (pooler, load balancer, sharder)."""
+
+__version__ = "0.1.0"

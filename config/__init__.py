@@ -1,0 +1,1 @@
+"""Configuration: PgDog-compatible pgherd.toml / users.toml models and loading."""

@@ -1,0 +1,1 @@
+"""Understanding SQL and routing decisions; no I/O."""

@@ -1,0 +1,1 @@
+"""Code shared by the supervisor, the workers and the router."""

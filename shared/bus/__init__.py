@@ -1,0 +1,1 @@
+"""The supervisor <-> worker ZeroMQ bus."""

@@ -1,0 +1,1 @@
+"""The pgherd command line and the supervisor process."""

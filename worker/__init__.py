@@ -1,0 +1,1 @@
+"""A worker process: listener, client sessions, server connections, pools."""

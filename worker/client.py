@@ -1,0 +1,600 @@
+"""A client session: startup, authentication, then the request/response relay.
+
+One trio task per client takes turns (DESIGN.md, "Performance rules"): read a
+request from the client, make sure a server is attached, forward the request,
+relay the server's replies until it owes nothing more, then return the server
+to its pool if the client is outside a transaction (transaction mode).
+"""
+
+from __future__ import annotations
+
+import logging
+import secrets
+import socket
+import struct
+
+import trio
+
+from pgherd.shared import net
+from pgherd.shared.pgconn import ServerError, send_cancel
+from pgherd.shared.wire import errors as E
+from pgherd.shared.wire import messages as M
+from pgherd.shared.wire import protocol as P
+from pgherd.shared.wire.framing import HEADER, STARTUP_HEADER, startup_length
+
+from . import auth
+from .pool import Pool, sync_params
+from .server import ServerConn
+
+log = logging.getLogger("pgherd.client")
+
+# Client receive buffer: large enough for typical requests in one read, small
+# enough that 10,000 idle clients stay cheap (a request never has to fit: large
+# messages stream through).
+CLIENT_BUFFER = 16 * 1024
+# Server messages whose body the relay must read before forwarding them.
+_NEEDS_BODY = frozenset([P.B_READY_FOR_QUERY, P.B_COPY_IN_RESPONSE, P.B_COPY_BOTH_RESPONSE,
+                         P.B_PARAMETER_STATUS])
+# Startup parameters that are not session settings.
+_NOT_SETTINGS = frozenset(["user", "database", "options", "replication"])
+# Message types that end a request: the server will answer with ReadyForQuery.
+_RFQ_TYPES = frozenset([P.F_QUERY, P.F_SYNC, P.F_FUNCTION_CALL])
+_EXTENDED_TYPES = frozenset([P.F_PARSE, P.F_BIND, P.F_DESCRIBE, P.F_EXECUTE, P.F_CLOSE])
+_VALID_REQUEST_TYPES = P.FRONTEND_TYPES - {P.F_PASSWORD}
+_unpack_hdr = HEADER.unpack_from
+
+
+class ClientGone(Exception):
+    """The client sent Terminate or closed its socket."""
+
+
+def parse_options(options: str) -> dict[str, str]:
+    """Settings from the startup `options` parameter: `-c name=value` and `--name=value`.
+
+    Backslash escapes a space, as libpq documents for PGOPTIONS.
+    """
+    words, cur, esc = [], [], False
+    for ch in options:
+        if esc:
+            cur.append(ch)
+            esc = False
+        elif ch == "\\":
+            esc = True
+        elif ch.isspace():
+            if cur:
+                words.append("".join(cur))
+                cur = []
+        else:
+            cur.append(ch)
+    if cur:
+        words.append("".join(cur))
+    out: dict[str, str] = {}
+    i = 0
+    while i < len(words):
+        w = words[i]
+        setting = None
+        if w == "-c" and i + 1 < len(words):
+            setting, i = words[i + 1], i + 2
+        elif w.startswith("-c"):
+            setting, i = w[2:], i + 1
+        elif w.startswith("--"):
+            setting, i = w[2:], i + 1
+        else:
+            raise E.PgError(E.PROTOCOL_VIOLATION, f"invalid command-line argument in options: {w!r}",
+                            hint='use "-c name=value"', fatal=True)
+        if "=" not in setting:
+            raise E.PgError(E.SYNTAX_ERROR, f"option {setting!r} requires a value", fatal=True)
+        name, value = setting.split("=", 1)
+        out[name.replace("-", "_").lower()] = value
+    return out
+
+
+class ClientSession:
+    """One client connection from accept to close."""
+
+    def __init__(self, ctx, sock: socket.socket, addr) -> None:
+        self.ctx = ctx
+        self.sock = sock
+        self.addr = addr
+        self.buf = bytearray(CLIENT_BUFFER)
+        self.view = memoryview(self.buf)
+        self.end = 0  # bytes of self.buf holding unprocessed client data
+        self.skip = 0  # bytes of a forwarded message body still to come from the client
+        self.user = ""
+        self.database = ""
+        self.settings: dict[str, str] = {}  # lower-case GUC name -> value
+        self.pool: Pool | None = None
+        self.server: ServerConn | None = None
+        self.pid = 0
+        self.secret = 0
+        self.mode = "transaction"
+        self.connect_time = trio.current_time()
+        self.state = "login"
+
+    # ================================================================ I/O helpers
+    async def send(self, data: bytes) -> None:
+        await net.send_all(self.sock, data)
+
+    async def _fill(self) -> None:
+        if self.end == len(self.buf):
+            raise E.ProtocolViolation("message too large for the startup phase")
+        self.end += await net.recv_into(self.sock, self.view[self.end:])
+
+    def _consume(self, n: int) -> None:
+        rest = self.end - n
+        if rest:
+            self.buf[0:rest] = self.buf[n:self.end]
+        self.end = rest
+
+    async def read_message(self) -> tuple[int, bytes]:
+        """One whole regular message (startup/auth phase only; small messages)."""
+        while True:
+            if self.end >= 5:
+                t, length = _unpack_hdr(self.buf, 0)
+                if length < 4 or length > P.MAX_STARTUP_PACKET:
+                    raise E.ProtocolViolation(f"invalid message length {length} during authentication")
+                if self.end >= length + 1:
+                    body = bytes(self.buf[5:length + 1])
+                    self._consume(length + 1)
+                    return t, body
+            await self._fill()
+
+    # ================================================================ lifecycle
+    async def run(self) -> None:
+        try:
+            login_timeout = self.ctx.client_login_timeout
+            with trio.move_on_after(login_timeout) as scope:
+                ok = await self._startup()
+            if scope.cancelled_caught:
+                log.info("client %s: login timed out after %.1fs", self.addr, login_timeout)
+                await self._send_quietly(E.fatal(E.PROTOCOL_VIOLATION,
+                                                 "client_login_timeout: startup not completed in time"))
+                return
+            if not ok:
+                return
+            self.state = "active"
+            await self._relay()
+        except (ClientGone, net.PeerClosed):
+            pass
+        except E.PgError as exc:
+            if exc.code == E.PROTOCOL_VIOLATION and self.server is not None:
+                self.server.broken = True  # its request accounting may be off: never reuse
+            if exc.code == E.PROTOCOL_VIOLATION:
+                log.info("client %s user=%s db=%s: protocol violation: %s", self.addr, self.user,
+                         self.database, exc.message)
+            await self._send_quietly(E.error_response(exc.code, exc.message, severity="FATAL",
+                                                      detail=exc.detail, hint=exc.hint))
+        finally:
+            await self._close()
+
+    async def _send_quietly(self, data: bytes) -> None:
+        with trio.move_on_after(1):
+            try:
+                await self.send(data)
+            except (net.PeerClosed, OSError):
+                pass
+
+    async def _close(self) -> None:
+        self.state = "closing"
+        if self.pid:
+            self.ctx.clients.pop(self.pid, None)
+        srv, self.server = self.server, None
+        if srv is not None:
+            # Shielded: even a cancelled session (shutdown) must return its server.
+            with trio.CancelScope(shield=True):
+                await self._release_dirty(srv)
+        net.close_quietly(self.sock)
+
+    # ================================================================ startup
+    async def _startup(self) -> bool:
+        """Startup packets until a StartupMessage; returns False for cancel requests."""
+        while True:
+            length = startup_length(self.buf, self.end)
+            while length is None or self.end < length:
+                await self._fill()
+                length = startup_length(self.buf, self.end)
+            _, code = STARTUP_HEADER.unpack_from(self.buf, 0)
+            body = bytes(self.buf[8:length])
+            self._consume(length)
+            if code == P.SSL_REQUEST_CODE or code == P.GSSENC_REQUEST_CODE:
+                # No encryption here yet: 'N' means "continue in plaintext".
+                await self.send(b"N")
+                continue
+            if code == P.CANCEL_REQUEST_CODE:
+                if len(body) == 8:
+                    pid, secret = struct.unpack("!ii", body)
+                    await self.ctx.cancel(pid, secret)
+                return False
+            if code >> 16 != 3:
+                raise E.PgError(E.FEATURE_NOT_SUPPORTED,
+                                f"unsupported frontend protocol {code >> 16}.{code & 0xFFFF}: "
+                                "server supports 3.0", fatal=True)
+            try:
+                params = M.read_startup_params(body)
+            except ValueError as exc:
+                raise E.ProtocolViolation(f"invalid startup packet: {exc}") from None
+            await self._login(code, params)
+            return True
+
+    async def _login(self, version: int, params: dict[str, str]) -> None:
+        user = params.get("user")
+        if not user:
+            raise E.PgError(E.INVALID_AUTHORIZATION, "no PostgreSQL user name specified in startup packet",
+                            fatal=True)
+        self.user = user
+        self.database = params.get("database") or user
+        if params.get("replication", "false").lower() not in ("false", "off", "no", "0"):
+            raise E.PgError(E.FEATURE_NOT_SUPPORTED, "replication connections are not supported by pgherd",
+                            fatal=True)
+        unrecognized = [k for k in params if k.startswith("_pq_.")]
+        if (version & 0xFFFF) > 0 or unrecognized:
+            # "Protocol versioning": tell the client we speak 3.0 and which options we ignore.
+            await self.send(M.negotiate_protocol_version(0, unrecognized))
+        settings = {k.lower(): v for k, v in params.items()
+                    if k not in _NOT_SETTINGS and not k.startswith("_pq_.")}
+        if params.get("options"):
+            settings.update(parse_options(params["options"]))
+        self.settings = settings
+
+        user_cfg, pool = self.ctx.lookup(user, self.database)
+        await auth.authenticate(self, user, user_cfg, self.ctx.auth_type)
+        if pool is None:
+            raise auth.auth_failed(user)
+        self.pool = pool
+        self.mode = pool.settings.pooler_mode
+        await self.send(M.auth_ok())
+
+        server_params = await pool.login_params()
+        self.pid, self.secret = self.ctx.register(self)
+        out = []
+        canonical = {k.lower(): k for k in server_params}
+        shown = dict(server_params)
+        for k, v in settings.items():
+            if k in canonical:
+                shown[canonical[k]] = v
+        for k, v in shown.items():
+            out.append(M.parameter_status(k, v))
+        out.append(M.backend_key_data(self.pid, self.secret))
+        out.append(M.ready_for_query(P.TX_IDLE))
+        await self.send(b"".join(out))
+        log.debug("client %s logged in as %s to %s", self.addr, user, self.database)
+
+    # ================================================================ relay
+    async def _relay(self) -> None:
+        while True:
+            srv = self.server
+            if srv is not None and (srv.unsynced or self.mode == "session") and not srv.expect:
+                # The server may speak without being asked (Flush-terminated
+                # request, session-mode notices): watch both sides.
+                if await self._wait_either(srv) == "server":
+                    await self._pump_once(srv)
+                    continue
+            n = await net.recv_into(self.sock, self.view[self.end:])
+            self.end += n
+            if self.server is None:
+                if self.skip == 0 and self.end < 5:
+                    continue  # not even one header yet
+                if self.skip == 0 and self.buf[0] == P.F_TERMINATE:
+                    raise ClientGone()
+                if not await self._attach():
+                    continue
+            srv = self.server
+            fwd, terminate = self._scan_client(srv)
+            if fwd:
+                try:
+                    await net.send_all(srv.sock, self.view[:fwd])
+                except net.PeerClosed:
+                    await self._server_lost(srv)
+                self._consume(fwd)
+            if terminate:
+                raise ClientGone()
+            if self.skip or self.end:
+                continue  # the rest of a message is still on its way
+            if srv.copy_in:
+                await self._poll_server(srv)
+                continue
+            if srv.expect:
+                await self._pump(srv)
+            self._maybe_release()
+
+    def _scan_client(self, srv: ServerConn) -> tuple[int, bool]:
+        """Account for the client messages in self.buf; return (bytes to forward, terminate).
+
+        Protocol bookkeeping happens at each message header (the type is enough),
+        so large messages stream through without being buffered whole.
+        """
+        buf, end, p = self.buf, self.end, 0
+        if self.skip:
+            p = min(self.skip, end)
+            self.skip -= p
+        max_size = self.ctx.max_message_size
+        while end - p >= 5:
+            t, length = _unpack_hdr(buf, p)
+            if t not in _VALID_REQUEST_TYPES:
+                raise E.ProtocolViolation(f"invalid frontend message type {t}")
+            if length < 4 or length > max_size:
+                raise E.ProtocolViolation(f"invalid message length {length} for message type "
+                                          f"{chr(t)!r} (allowed 4..{max_size})")
+            if t == P.F_TERMINATE:
+                return p, True
+            if t in _RFQ_TYPES:
+                srv.expect.append(t)
+                if t == P.F_SYNC:
+                    srv.unsynced = False
+            elif t in _EXTENDED_TYPES:
+                srv.unsynced = True
+            elif t == P.F_COPY_DONE or t == P.F_COPY_FAIL:
+                srv.copy_in = False
+            stop = p + 1 + length
+            if stop > end:
+                self.skip = stop - end
+                return end, False
+            p = stop
+        return p, False
+
+    async def _pump(self, srv: ServerConn) -> None:
+        """Relay server replies until every expected ReadyForQuery arrived or COPY IN starts."""
+        while srv.expect and not srv.copy_in:
+            await self._pump_once(srv)
+
+    async def _pump_once(self, srv: ServerConn) -> None:
+        conn = srv.conn
+        if conn.rstart == conn.rend:
+            conn.rstart = conn.rend = 0
+        elif conn.rend == len(conn.rbuf):
+            conn._compact()
+        try:
+            conn.rend += await net.recv_into(srv.sock, memoryview(conn.rbuf)[conn.rend:])
+        except net.PeerClosed:
+            await self._server_lost(srv)
+        await self._forward_server(srv)
+
+    async def _poll_server(self, srv: ServerConn) -> None:
+        """During COPY IN, forward whatever the server already sent (e.g. an error), without waiting."""
+        conn = srv.conn
+        if conn.rend == len(conn.rbuf):
+            conn._compact()
+        try:
+            n = net.try_recv_into(srv.sock, memoryview(conn.rbuf)[conn.rend:])
+        except net.PeerClosed:
+            await self._server_lost(srv)
+        if n > 0:
+            conn.rend += n
+            await self._forward_server(srv)
+
+    async def _forward_server(self, srv: ServerConn) -> None:
+        conn = srv.conn
+        buf, p, end = conn.rbuf, conn.rstart, conn.rend
+        if srv.skip:
+            take = min(srv.skip, end - p)
+            p += take
+            srv.skip -= take
+        while end - p >= 5:
+            t, length = _unpack_hdr(buf, p)
+            if length < 4:
+                srv.broken = True
+                raise E.PgError(E.PROTOCOL_VIOLATION, "server sent an invalid message length", fatal=True)
+            stop = p + 1 + length
+            if t in _NEEDS_BODY:
+                if stop > end:
+                    if 1 + length > len(buf):
+                        conn._grow(1 + length)  # keeps bytes from rstart on
+                        shift = conn.rstart
+                        p -= shift
+                        conn.rstart = 0
+                        conn.rend -= shift
+                    break
+                self._on_server_message(srv, t, buf, p + 5, stop)
+            elif stop > end:
+                srv.skip = stop - end
+                p = end
+                break
+            p = stop
+        if p > conn.rstart:
+            try:
+                await net.send_all(self.sock, memoryview(conn.rbuf)[conn.rstart:p])
+            except net.PeerClosed:
+                conn.rstart = p
+                raise
+            conn.rstart = p
+
+    def _on_server_message(self, srv: ServerConn, t: int, buf, b0: int, b1: int) -> None:
+        if t == P.B_READY_FOR_QUERY:
+            srv.tx = buf[b0]
+            if srv.expect:
+                srv.expect.popleft()
+            else:
+                srv.broken = True  # a ReadyForQuery nobody asked for: out of sync
+        elif t == P.B_PARAMETER_STATUS:
+            name, value = M.read_parameter_status(buf[b0:b1])
+            srv.conn.params[name] = value
+        else:  # CopyInResponse / CopyBothResponse
+            srv.copy_in = True
+            # "COPY Operations": during COPY IN the server ignores Sync and Flush.
+            # Syncs already sent after the Execute that started the COPY will not
+            # be answered; the client sends a new Sync after CopyDone.
+            head = srv.expect[0] if srv.expect else None
+            if head == P.F_QUERY:
+                rest = [x for x in list(srv.expect)[1:] if x != P.F_SYNC]
+                srv.expect.clear()
+                srv.expect.append(P.F_QUERY)
+                srv.expect.extend(rest)
+            elif head == P.F_SYNC:
+                kept = [x for x in srv.expect if x != P.F_SYNC]
+                srv.expect.clear()
+                srv.expect.extend(kept)
+                srv.unsynced = True
+
+    async def _wait_either(self, srv: ServerConn) -> str:
+        """Wait until the client or the server socket is readable."""
+        which = "client"
+        async with trio.open_nursery() as nursery:
+            async def wait_server():
+                nonlocal which
+                await net.wait_readable(srv.sock)
+                which = "server"
+                nursery.cancel_scope.cancel()
+
+            async def wait_client():
+                await net.wait_readable(self.sock)
+                nursery.cancel_scope.cancel()
+
+            nursery.start_soon(wait_server)
+            nursery.start_soon(wait_client)
+        return which
+
+    # ================================================================ servers
+    async def _attach(self) -> bool:
+        """Check out a server for the request at the head of the buffer.
+
+        On failure the client gets the error in place of each reply it expects
+        and stays connected, or is disconnected if the request is incomplete.
+        """
+        pool = self.pool
+        self.state = "waiting"
+        try:
+            srv = await pool.checkout()
+        except E.PgError as exc:
+            self.state = "active"
+            await self._fail_request(exc)
+            return False
+        srv.client = self
+        self.state = "active"
+        self.server = srv
+        try:
+            await sync_params(srv, self.settings)
+        except ServerError as exc:
+            self.server = None
+            pool.checkin(srv)
+            await self._fail_request(E.PgError(exc.code, exc.fields.get("M", str(exc)),
+                                               detail=exc.fields.get("D"), hint=exc.fields.get("H")))
+            return False
+        except (net.PeerClosed, OSError):
+            self.server = None
+            srv.close()
+            pool.checkin(srv)
+            await self._fail_request(E.PgError(E.CONNECTION_FAILURE, "server connection lost"))
+            return False
+        return True
+
+    async def _fail_request(self, exc: E.PgError) -> None:
+        """Answer every request in the buffer with exc; keep the client if we can stay in sync."""
+        count = 0
+        p, buf = 0, self.buf
+        complete = self.skip == 0
+        while complete and self.end - p >= 5:
+            t, length = _unpack_hdr(buf, p)
+            if t not in _VALID_REQUEST_TYPES or length < 4:
+                complete = False
+                break
+            if t in (P.F_COPY_DATA, P.F_COPY_DONE, P.F_COPY_FAIL):
+                complete = False
+                break
+            if t in _RFQ_TYPES:
+                count += 1
+            p += 1 + length
+        if not complete or p != self.end:
+            exc.fatal = True
+            raise exc
+        self.end = 0
+        out = []
+        for _ in range(count):
+            out.append(exc.to_bytes())
+            out.append(M.ready_for_query(P.TX_IDLE))
+        if out:
+            await self.send(b"".join(out))
+
+    def _maybe_release(self) -> None:
+        srv = self.server
+        if srv is None or self.mode == "session":
+            return
+        if srv.broken:
+            self.server = None
+            self.pool.checkin(srv)
+            return
+        if srv.expect or srv.unsynced or srv.copy_in or srv.skip:
+            return
+        if srv.tx == P.TX_IDLE:
+            self.server = None
+            self.pool.checkin(srv)
+        elif self.mode == "statement":
+            # Statement mode forbids transactions (PgBouncer semantics).
+            srv.broken = True
+            self.server = None
+            self.pool.checkin(srv)
+            raise E.PgError(E.FEATURE_NOT_SUPPORTED,
+                            "transaction blocks are not allowed in statement pooling mode", fatal=True)
+
+    async def _server_lost(self, srv: ServerConn) -> None:
+        srv.broken = True
+        self.server = None
+        self.pool.checkin(srv)
+        raise E.PgError(E.CONNECTION_FAILURE, "server closed the connection unexpectedly",
+                        hint="the query may or may not have run; reconnect and retry", fatal=True)
+
+    async def _release_dirty(self, srv: ServerConn) -> None:
+        """The client left: bring the server back to idle (rollback) or close it."""
+        pool = self.pool
+        if srv.broken:
+            pool.checkin(srv)
+            return
+        needs_reset = self.mode == "session" or srv.set_params
+        if srv.idle and not needs_reset:
+            pool.checkin(srv)
+            return
+        ok = False
+        with trio.move_on_after(pool.settings.rollback_timeout):
+            try:
+                await self._resync(srv)
+                if srv.tx != P.TX_IDLE:
+                    await srv.conn.simple_query("ROLLBACK")
+                    srv.tx = srv.conn.tx_status
+                if self.mode == "session":
+                    await srv.conn.simple_query("DISCARD ALL")
+                    srv.set_params = {}
+                ok = srv.tx == P.TX_IDLE
+            except (ServerError, net.PeerClosed, OSError, E.PgError) as exc:
+                log.info("server %r: cleanup after client %s failed: %s", srv, self.addr, exc)
+        if not ok:
+            srv.broken = True
+        pool.checkin(srv)
+
+    async def _resync(self, srv: ServerConn) -> None:
+        """Finish whatever the server was doing for a departed client."""
+        conn = srv.conn
+        if srv.copy_in:
+            await conn.send(M.copy_fail("client disconnected"))
+            srv.copy_in = False
+        if srv.skip:
+            # A half-sent message cannot be completed: the server must be closed.
+            raise E.PgError(E.PROTOCOL_VIOLATION, "client left in the middle of a message")
+        if srv.unsynced:
+            await conn.send(M.sync())
+            srv.expect.append(P.F_SYNC)
+            srv.unsynced = False
+        # Skip a half-read reply, then read whole messages until ReadyForQuery.
+        while srv.skip:
+            if conn.rstart == conn.rend:
+                conn.rstart = conn.rend = 0
+                conn.rend += await net.recv_into(srv.sock, memoryview(conn.rbuf))
+            take = min(srv.skip, conn.rend - conn.rstart)
+            conn.rstart += take
+            srv.skip -= take
+        while srv.expect:
+            t, body = await conn.read_message()
+            if t == P.B_READY_FOR_QUERY:
+                srv.expect.popleft()
+                srv.tx = body[0]
+            elif t == P.B_COPY_IN_RESPONSE:
+                await conn.send(M.copy_fail("client disconnected"))
+        conn.tx_status = srv.tx
+
+    # ================================================================ cancel
+    async def cancel_server_query(self) -> None:
+        srv = self.server
+        if srv is not None and not srv.broken:
+            await send_cancel(srv.conn.host, srv.conn.port, srv.conn.pid, srv.conn.secret)
+
+
+def new_secret() -> int:
+    return secrets.randbits(31)

@@ -1,0 +1,257 @@
+"""Server connection pools: one per (user, database, host), with a fair FIFO wait queue."""
+
+from __future__ import annotations
+
+import logging
+from collections import deque
+from dataclasses import dataclass
+
+import trio
+
+from pgherd.shared.pgconn import ConnectError, PgConn, ServerError, quote_ident, quote_literal
+from pgherd.shared.wire import errors as E
+
+from .server import ServerConn
+
+log = logging.getLogger("pgherd.pool")
+
+# Application name pgherd's own server connections log in with; a client's
+# application_name is SET on top of it while the client uses the server.
+SERVER_APPLICATION_NAME = "pgherd"
+
+
+@dataclass
+class PoolSettings:
+    """Effective settings of one pool (already resolved users > databases > general)."""
+    host: str
+    port: int
+    database_name: str  # the database on the server
+    server_user: str
+    server_password: str | None
+    pool_size: int
+    min_pool_size: int
+    pooler_mode: str
+    checkout_timeout: float  # seconds
+    connect_timeout: float  # seconds
+    connect_attempts: int
+    connect_attempt_delay: float  # seconds
+    idle_timeout: float  # seconds; 0 = never
+    server_lifetime: float  # seconds; 0 = never
+    rollback_timeout: float  # seconds
+
+
+class _Waiter:
+    __slots__ = ("event", "server", "may_connect")
+
+    def __init__(self) -> None:
+        self.event = trio.Event()
+        self.server: ServerConn | None = None
+        self.may_connect = False
+
+
+class Pool:
+    """Server connections for one (user, database, host) with a bounded size."""
+
+    def __init__(self, user: str, database: str, settings: PoolSettings, shard: int = 0,
+                 role: str = "primary") -> None:
+        self.user = user
+        self.database = database
+        self.settings = settings
+        self.shard = shard
+        self.role = role
+        self.idle: deque[ServerConn] = deque()
+        self.waiters: deque[_Waiter] = deque()
+        self.total = 0  # open + opening connections
+        self.active = 0  # checked out
+        self.opening = 0
+        # ParameterStatus set of the first server login, shown to clients at login.
+        self.server_params: dict[str, str] | None = None
+        self.closed = False
+        self.errors = 0
+
+    @property
+    def name(self) -> str:
+        s = self.settings
+        return f"{self.user}@{self.database} ({s.host}:{s.port})"
+
+    # ------------------------------------------------------------ checkout
+    async def checkout(self) -> ServerConn:
+        """A server for a client: idle one, new one, or wait (FIFO) up to checkout_timeout."""
+        while self.idle:
+            srv = self.idle.pop()  # LIFO: the most recently used connection is warmest
+            if self._expired(srv):
+                self._discard(srv)
+                continue
+            self.active += 1
+            return srv
+        if self.total < self.settings.pool_size and not self.waiters:
+            self.total += 1
+            return await self._open_for_checkout()
+        return await self._wait()
+
+    async def _wait(self) -> ServerConn:
+        waiter = _Waiter()
+        self.waiters.append(waiter)
+        with trio.move_on_after(self.settings.checkout_timeout):
+            await waiter.event.wait()
+        if not waiter.event.is_set():
+            self.waiters.remove(waiter)
+            raise E.PgError(E.TOO_MANY_CONNECTIONS,
+                            f"no server connection available in checkout_timeout "
+                            f"({self.settings.checkout_timeout * 1000:.0f} ms) for {self.name}",
+                            hint="raise pool_size or checkout_timeout, or shorten transactions")
+        if waiter.server is not None:
+            self.active += 1
+            return waiter.server
+        # Woken with a free slot (a connection closed): open one ourselves.
+        return await self._open_for_checkout()
+
+    async def _open_for_checkout(self) -> ServerConn:
+        """Open a connection in a slot already counted in self.total."""
+        try:
+            srv = await self._open()
+        except BaseException:
+            self.total -= 1
+            self._wake_one()
+            raise
+        self.active += 1
+        return srv
+
+    async def _open(self) -> ServerConn:
+        s = self.settings
+        last: Exception | None = None
+        self.opening += 1
+        try:
+            for attempt in range(max(1, s.connect_attempts)):
+                if attempt:
+                    await trio.sleep(s.connect_attempt_delay)
+                try:
+                    conn = await PgConn.connect(
+                        s.host, s.port, user=s.server_user, database=s.database_name,
+                        password=s.server_password, timeout=s.connect_timeout,
+                        params={"application_name": SERVER_APPLICATION_NAME})
+                except ServerError as exc:
+                    self.errors += 1
+                    # Postgres refused us (auth, unknown database, too many clients):
+                    # the client sees Postgres' own error.
+                    raise E.PgError(exc.code, exc.fields.get("M", str(exc)),
+                                    detail=f"server {s.host}:{s.port}") from exc
+                except ConnectError as exc:
+                    self.errors += 1
+                    last = exc
+                    log.warning("pool %s: %s (attempt %d/%d)", self.name, exc, attempt + 1,
+                                s.connect_attempts)
+                    continue
+                if self.server_params is None:
+                    self.server_params = dict(conn.params)
+                return ServerConn(conn, self)
+        finally:
+            self.opening -= 1
+        raise E.PgError(E.CONNECTION_FAILURE, f"could not connect to server {s.host}:{s.port}: {last}",
+                        hint="check that Postgres is running and reachable from pgherd")
+
+    # ------------------------------------------------------------ checkin
+    def checkin(self, srv: ServerConn) -> None:
+        """Return a server from a client. Dirty or expired servers are closed."""
+        self.active -= 1
+        srv.client = None
+        srv.last_used = trio.current_time()
+        if not srv.idle or self.closed or self._expired(srv):
+            self._discard(srv)
+            return
+        if self.waiters:
+            waiter = self.waiters.popleft()
+            waiter.server = srv  # counted in self.active by the waiter on wake-up
+            waiter.event.set()
+            return
+        self.idle.append(srv)
+
+    def _discard(self, srv: ServerConn) -> None:
+        srv.close()
+        self.total -= 1
+        self._wake_one()
+
+    def _wake_one(self) -> None:
+        if self.waiters and self.total < self.settings.pool_size:
+            waiter = self.waiters.popleft()
+            waiter.may_connect = True
+            self.total += 1
+            waiter.event.set()
+
+    def _expired(self, srv: ServerConn) -> bool:
+        life = self.settings.server_lifetime
+        return bool(life) and trio.current_time() - srv.created > life
+
+    # ------------------------------------------------------------ client params
+    async def login_params(self) -> dict[str, str]:
+        """Server ParameterStatus values for client logins (connects once if needed)."""
+        if self.server_params is None:
+            srv = await self.checkout()
+            self.checkin(srv)
+        return self.server_params or {}
+
+    # ------------------------------------------------------------ maintenance
+    async def maintain(self) -> None:
+        """Close idle/expired servers and keep min_pool_size open (called periodically)."""
+        now = trio.current_time()
+        s = self.settings
+        keep: deque[ServerConn] = deque()
+        for srv in self.idle:
+            too_idle = s.idle_timeout and now - srv.last_used > s.idle_timeout
+            if self._expired(srv) or (too_idle and self.total > s.min_pool_size):
+                srv.close()
+                self.total -= 1
+            else:
+                keep.append(srv)
+        self.idle = keep
+        self._wake_one()
+        while not self.closed and self.total < min(s.min_pool_size, s.pool_size) and not self.waiters:
+            self.total += 1
+            try:
+                srv = await self._open()
+            except E.PgError as exc:
+                self.total -= 1
+                log.warning("pool %s: cannot open min_pool_size connection: %s", self.name, exc.message)
+                return
+            self.idle.append(srv)
+            self._wake_idle_waiter()
+
+    def _wake_idle_waiter(self) -> None:
+        if self.waiters and self.idle:
+            srv = self.idle.pop()
+            waiter = self.waiters.popleft()
+            waiter.server = srv
+            waiter.event.set()
+
+    def close_all(self) -> None:
+        self.closed = True
+        while self.idle:
+            self.idle.pop().close()
+            self.total -= 1
+
+    def stats(self) -> dict:
+        return {"user": self.user, "database": self.database, "host": self.settings.host,
+                "port": self.settings.port, "sv_idle": len(self.idle), "sv_active": self.active,
+                "sv_login": self.opening, "cl_waiting": len(self.waiters), "total": self.total,
+                "pool_mode": self.settings.pooler_mode}
+
+
+async def sync_params(srv: ServerConn, wanted: dict[str, str]) -> None:
+    """Make the server's session parameters equal the client's, sending only the difference.
+
+    wanted maps lower-case GUC names to the client's values.  Parameters an earlier
+    client set and this one did not are RESET to the server's login default.
+    """
+    stmts = []
+    current = srv.set_params
+    for name, value in wanted.items():
+        if current.get(name) != value:
+            stmts.append(f"SET {quote_ident(name)} TO {quote_literal(value)}")
+    for name in current:
+        if name not in wanted:
+            stmts.append(f"RESET {quote_ident(name)}")
+    if not stmts:
+        return
+    await srv.conn.simple_query(";".join(stmts))
+    srv.set_params = dict(wanted)
+    srv.tx = srv.conn.tx_status
