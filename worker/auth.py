@@ -116,7 +116,7 @@ async def _scram(session, user: str, verifier: ScramVerifier | None) -> None:
         mech, data = M.read_sasl_initial_response(body)
     except ValueError as exc:
         raise E.ProtocolViolation(f"malformed SASLInitialResponse: {exc}") from None
-    if mech != MECHANISM:
+    if mech not in (MECHANISM,):
         raise E.PgError(E.PROTOCOL_VIOLATION,
                         "client selected an invalid SASL authentication mechanism", fatal=True)
     try:
@@ -125,8 +125,10 @@ async def _scram(session, user: str, verifier: ScramVerifier | None) -> None:
         if t != P.F_PASSWORD:
             raise E.ProtocolViolation(f"expected SASL response, got message type {chr(t)!r}")
         final = server.server_final(bytes(body))
-    except ScramError:
-        raise auth_failed(user) from None
+    except ScramError as exc:
+        if not real or exc.sqlstate == E.INVALID_PASSWORD:
+            raise auth_failed(user) from None
+        raise E.PgError(exc.sqlstate, str(exc), fatal=True) from None
     if not real:
         raise auth_failed(user)
     await session.send(M.auth_sasl_final(final))
