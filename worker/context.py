@@ -46,35 +46,47 @@ class WorkerContext:
         self.pools = self._build_pools(config)
 
     def _build_pools(self, config) -> dict[tuple[str, str], Pool]:
-        g = config.general
         pools: dict[tuple[str, str], Pool] = {}
         for user in config.users:
-            hosts = config.database_hosts(user.database)
-            if not hosts:
-                continue
-            # One host per database in this slice: the primary of shard 0, else the first.
-            primaries = [d for d in hosts if d.shard == 0 and d.role == "primary"]
-            db = (primaries or hosts)[0]
-            settings = PoolSettings(
-                host=db.host, port=db.port, database_name=db.database_name or db.name,
-                server_user=user.server_user or db.user or user.name,
-                server_password=user.server_password or db.password or user.password,
-                pool_size=config.pool_size(user, db), min_pool_size=config.min_pool_size(user, db),
-                pooler_mode=config.pooler_mode(user, db),
-                checkout_timeout=g.checkout_timeout / 1000, connect_timeout=g.connect_timeout / 1000,
-                connect_attempts=g.connect_attempts, connect_attempt_delay=g.connect_attempt_delay / 1000,
-                idle_timeout=config.idle_timeout(user, db) / 1000,
-                server_lifetime=config.server_lifetime(user, db) / 1000,
-                rollback_timeout=g.rollback_timeout / 1000)
-            pools[(user.name, user.database)] = Pool(user.name, user.database, settings, db.shard, db.role)
+            if user.database:
+                pool = self._make_pool(config, user, user.database)
+                if pool is not None:
+                    pools[(user.name, user.database)] = pool
         return pools
+
+    def _make_pool(self, config, user, database: str) -> Pool | None:
+        g = config.general
+        hosts = config.database_hosts(database)
+        if not hosts:
+            return None
+        # One host per database in this slice: the primary of shard 0, else the first.
+        primaries = [d for d in hosts if d.shard == 0 and d.role == "primary"]
+        db = (primaries or hosts)[0]
+        server_user, server_password = config.server_login(user, db)
+        settings = PoolSettings(
+            host=db.host, port=db.port, database_name=db.database_name or db.name,
+            server_user=server_user, server_password=server_password,
+            pool_size=config.pool_size(user, db), min_pool_size=config.min_pool_size(user, db),
+            pooler_mode=config.pooler_mode(user, db),
+            checkout_timeout=g.checkout_timeout / 1000, connect_timeout=g.connect_timeout / 1000,
+            connect_attempts=g.connect_attempts, connect_attempt_delay=g.connect_attempt_delay / 1000,
+            idle_timeout=config.idle_timeout(user, db) / 1000,
+            server_lifetime=config.server_lifetime(user, db) / 1000,
+            rollback_timeout=g.rollback_timeout / 1000)
+        return Pool(user.name, database, settings, db.shard, db.role)
 
     def lookup(self, user: str, database: str):
         """(users.toml entry, pool) for a login; (None, None) when unknown."""
         user_cfg = self.config.find_user(user, database)
         if user_cfg is None:
             return None, None
-        return user_cfg, self.pools.get((user, database))
+        pool = self.pools.get((user, database))
+        if pool is None:
+            # users.databases / all_databases: pools for other databases are made on first use.
+            pool = self._make_pool(self.config, user_cfg, database)
+            if pool is not None:
+                self.pools[(user, database)] = pool
+        return user_cfg, pool
 
     def register(self, client) -> tuple[int, int]:
         while True:
