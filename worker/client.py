@@ -24,7 +24,7 @@ from pgherd.shared.wire.framing import HEADER, STARTUP_HEADER, startup_length
 
 from . import auth
 from .pool import Pool, sync_params
-from .server import ServerConn
+from .server import COPY_END, ServerConn
 
 log = logging.getLogger("pgherd.client")
 
@@ -263,7 +263,7 @@ class ClientSession:
     async def _relay(self) -> None:
         while True:
             srv = self.server
-            if srv is not None and (srv.unsynced or self.mode == "session") and not srv.expect:
+            if srv is not None and (srv.unsynced or self.mode == "session") and not srv.owes_reply():
                 # The server may speak without being asked (Flush-terminated
                 # request, session-mode notices): watch both sides.
                 if await self._wait_either(srv) == "server":
@@ -293,8 +293,7 @@ class ClientSession:
             if srv.copy_in:
                 await self._poll_server(srv)
                 continue
-            if srv.expect:
-                await self._pump(srv)
+            await self._pump(srv)
             self._maybe_release()
 
     def _scan_client(self, srv: ServerConn) -> tuple[int, bool]:
@@ -319,12 +318,18 @@ class ClientSession:
                 return p, True
             if t in _RFQ_TYPES:
                 srv.expect.append(t)
-                if t == P.F_SYNC:
-                    srv.unsynced = False
+                # A Query or FunctionCall ends the implicit transaction of earlier
+                # extended messages just as Sync does (postgres.c, finish_xact_command).
+                srv.unsynced = False
             elif t in _EXTENDED_TYPES:
                 srv.unsynced = True
             elif t == P.F_COPY_DONE or t == P.F_COPY_FAIL:
-                srv.copy_in = False
+                if srv.copy_in:
+                    srv.copy_in = False
+                else:
+                    # Sent ahead of the server's CopyInResponse (asyncpg pipelines
+                    # COPY data): remember where the COPY ends in the request stream.
+                    srv.expect.append(COPY_END)
             stop = p + 1 + length
             if stop > end:
                 self.skip = stop - end
@@ -334,7 +339,7 @@ class ClientSession:
 
     async def _pump(self, srv: ServerConn) -> None:
         """Relay server replies until every expected ReadyForQuery arrived or COPY IN starts."""
-        while srv.expect and not srv.copy_in:
+        while srv.owes_reply():
             await self._pump_once(srv)
 
     async def _pump_once(self, srv: ServerConn) -> None:
@@ -401,29 +406,13 @@ class ClientSession:
     def _on_server_message(self, srv: ServerConn, t: int, buf, b0: int, b1: int) -> None:
         if t == P.B_READY_FOR_QUERY:
             srv.tx = buf[b0]
-            if srv.expect:
-                srv.expect.popleft()
-            else:
+            if not srv.ready_for_query():
                 srv.broken = True  # a ReadyForQuery nobody asked for: out of sync
         elif t == P.B_PARAMETER_STATUS:
             name, value = M.read_parameter_status(buf[b0:b1])
             srv.conn.params[name] = value
         else:  # CopyInResponse / CopyBothResponse
-            srv.copy_in = True
-            # "COPY Operations": during COPY IN the server ignores Sync and Flush.
-            # Syncs already sent after the Execute that started the COPY will not
-            # be answered; the client sends a new Sync after CopyDone.
-            head = srv.expect[0] if srv.expect else None
-            if head == P.F_QUERY:
-                rest = [x for x in list(srv.expect)[1:] if x != P.F_SYNC]
-                srv.expect.clear()
-                srv.expect.append(P.F_QUERY)
-                srv.expect.extend(rest)
-            elif head == P.F_SYNC:
-                kept = [x for x in srv.expect if x != P.F_SYNC]
-                srv.expect.clear()
-                srv.expect.extend(kept)
-                srv.unsynced = True
+            srv.start_copy_in()
 
     async def _wait_either(self, srv: ServerConn) -> str:
         """Wait until the client or the server socket is readable."""
@@ -512,7 +501,7 @@ class ClientSession:
             self.server = None
             self.pool.checkin(srv)
             return
-        if srv.expect or srv.unsynced or srv.copy_in or srv.skip:
+        if srv.owes_reply() or srv.unsynced or srv.copy_in or srv.skip:
             return
         if srv.tx == P.TX_IDLE:
             self.server = None
@@ -580,13 +569,16 @@ class ClientSession:
             take = min(srv.skip, conn.rend - conn.rstart)
             conn.rstart += take
             srv.skip -= take
-        while srv.expect:
+        while srv.owes_reply() or srv.copy_in:
+            if srv.copy_in:
+                await conn.send(M.copy_fail("client disconnected"))
+                srv.copy_in = False
             t, body = await conn.read_message()
             if t == P.B_READY_FOR_QUERY:
-                srv.expect.popleft()
+                srv.ready_for_query()
                 srv.tx = body[0]
-            elif t == P.B_COPY_IN_RESPONSE:
-                await conn.send(M.copy_fail("client disconnected"))
+            elif t in (P.B_COPY_IN_RESPONSE, P.B_COPY_BOTH_RESPONSE):
+                srv.start_copy_in()
         conn.tx_status = srv.tx
 
     # ================================================================ cancel

@@ -159,6 +159,7 @@ class Pool:
         if not srv.idle or self.closed or self._expired(srv):
             self._discard(srv)
             return
+        srv.expect.clear()  # only stray COPY_END markers can be left here
         if self.waiters:
             waiter = self.waiters.popleft()
             waiter.server = srv  # counted in self.active by the waiter on wake-up

@@ -10,13 +10,19 @@ from pgherd.shared.pgconn import PgConn
 from pgherd.shared.wire import protocol as P
 
 
+# Marker in ServerConn.expect: the client's CopyDone/CopyFail, forwarded before
+# the server's CopyInResponse arrived (the client pipelined its COPY data).
+COPY_END = -1
+
+
 class ServerConn:
     """One authenticated connection to Postgres, owned by a Pool.
 
     The relay tracks where the server is in the protocol, so a server is only
     handed to another client when it owes nobody anything:
     - expect: one entry per Query/Sync/FunctionCall sent whose ReadyForQuery has
-      not arrived yet ("Message Flow": each of them ends with ReadyForQuery);
+      not arrived yet ("Message Flow": each of them ends with ReadyForQuery), and
+      COPY_END markers for CopyDone/CopyFail sent ahead of a CopyInResponse;
     - unsynced: extended-protocol messages were sent after the last Sync, so the
       server holds an unfinished extended query (e.g. a Flush-terminated request);
     - copy_in: the server is in COPY IN and waits for CopyData/CopyDone/CopyFail;
@@ -46,10 +52,59 @@ class ServerConn:
         self.id = ServerConn._next_id
         self.client = None
 
+    def owes_reply(self) -> bool:
+        """True while a ReadyForQuery is due and the server is not waiting for COPY data."""
+        if self.copy_in:
+            return False
+        for x in self.expect:
+            if x != COPY_END:
+                return True
+        return False
+
+    def ready_for_query(self) -> bool:
+        """Account for one ReadyForQuery; False if none was expected."""
+        expect = self.expect
+        while expect and expect[0] == COPY_END:
+            expect.popleft()  # a stray CopyDone outside COPY: Postgres ignores it
+        if not expect:
+            return False
+        expect.popleft()
+        return True
+
+    def start_copy_in(self) -> None:
+        """The server sent CopyInResponse/CopyBothResponse ("COPY Operations").
+
+        The COPY belongs to the Query at the head of `expect`, or to an Execute
+        before the head Sync.  Until the COPY ends, Postgres ignores Sync (and
+        Flush), so Syncs queued between its start and the client's CopyDone will
+        never be answered; they are dropped.  If the client already sent its
+        CopyDone (pipelined), the COPY is over as far as the client's bytes go.
+        """
+        items = list(self.expect)
+        keep_head = 1 if items and items[0] == P.F_QUERY else 0
+        out = items[:keep_head]
+        ended = False
+        i = keep_head
+        while i < len(items):
+            x = items[i]
+            i += 1
+            if x == COPY_END:
+                ended = True
+                break
+            if x != P.F_SYNC:
+                out.append(x)
+        out.extend(items[i:])
+        self.expect.clear()
+        self.expect.extend(out)
+        self.copy_in = not ended
+        if not keep_head and not any(x == P.F_SYNC for x in out):
+            # Extended-protocol COPY: Postgres needs a new Sync after CopyDone.
+            self.unsynced = True
+
     @property
     def idle(self) -> bool:
         """True when the server owes no client anything and is outside a transaction."""
-        return (not self.expect and not self.unsynced and not self.copy_in
+        return (not self.owes_reply() and not self.unsynced and not self.copy_in
                 and self.tx == P.TX_IDLE and not self.broken and self.skip == 0
                 and self.conn.rstart == self.conn.rend)
 
