@@ -18,6 +18,7 @@ ACTED_ON: frozenset[str] = frozenset(
         "general.connect_attempts",
         "general.connect_attempt_delay",
         "general.rollback_timeout",
+        "general.log_level",
         "general.idle_timeout",
         "general.server_lifetime",
         "general.auth_type",

@@ -53,6 +53,7 @@ def main(argv: list[str] | None = None) -> int:
         for err in exc.errors:
             print(f"  - {err}", file=sys.stderr)
         return 2
+    setup_logging(config.general.log_level)
     if args.command == "check":
         print(describe(config))
         print("configuration OK")
