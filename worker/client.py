@@ -244,16 +244,13 @@ class ClientSession:
         self.mode = pool.settings.pooler_mode
         await self.send(M.auth_ok())
 
-        server_params = await pool.login_params()
+        try:
+            shown = await pool.login_params(settings)
+        except ServerError as exc:
+            raise E.PgError(exc.code, exc.fields.get("M", str(exc)), detail=exc.fields.get("D"),
+                            hint=exc.fields.get("H"), fatal=True) from None
         self.pid, self.secret = self.ctx.register(self)
-        out = []
-        canonical = {k.lower(): k for k in server_params}
-        shown = dict(server_params)
-        for k, v in settings.items():
-            if k in canonical:
-                shown[canonical[k]] = v
-        for k, v in shown.items():
-            out.append(M.parameter_status(k, v))
+        out = [M.parameter_status(k, v) for k, v in shown.items()]
         out.append(M.backend_key_data(self.pid, self.secret))
         out.append(M.ready_for_query(P.TX_IDLE))
         await self.send(b"".join(out))

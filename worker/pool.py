@@ -66,6 +66,9 @@ class Pool:
         self.opening = 0
         # ParameterStatus set of the first server login, shown to clients at login.
         self.server_params: dict[str, str] | None = None
+        # (GUC name, client's value) -> the value Postgres reports for it, e.g.
+        # ("datestyle", "SQL,DMY") -> "SQL, DMY"; learnt once per distinct value.
+        self.canonical: dict[tuple[str, str], str] = {}
         self.closed = False
         self.errors = 0
 
@@ -184,12 +187,41 @@ class Pool:
         return bool(life) and trio.current_time() - srv.created > life
 
     # ------------------------------------------------------------ client params
-    async def login_params(self) -> dict[str, str]:
-        """Server ParameterStatus values for client logins (connects once if needed)."""
-        if self.server_params is None:
+    async def login_params(self, settings: dict[str, str]) -> dict[str, str]:
+        """ParameterStatus values for a client logging in with these settings.
+
+        The server's login values, with the client's own settings as Postgres would
+        report them.  A setting value not seen before is applied once on a server
+        to learn its canonical form (and to reject invalid values at login, as
+        Postgres does).
+        """
+        if self.server_params is None or any(
+                (k, v) not in self.canonical for k, v in settings.items() if k in self._reported()):
             srv = await self.checkout()
+            try:
+                await sync_params(srv, settings)
+            except ServerError:
+                self.checkin(srv)  # the SETs ran in one implicit transaction, rolled back
+                raise
+            except BaseException:
+                srv.close()
+                self.checkin(srv)
+                raise
+            reported = {k.lower(): k for k in srv.conn.params}
+            for k, v in settings.items():
+                if k in reported:
+                    self.canonical[(k, v)] = srv.conn.params[reported[k]]
             self.checkin(srv)
-        return self.server_params or {}
+        shown = dict(self.server_params or {})
+        names = self._reported()
+        for k, v in settings.items():
+            if k in names:
+                shown[names[k]] = self.canonical.get((k, v), v)
+        return shown
+
+    def _reported(self) -> dict[str, str]:
+        """Lower-case name -> Postgres' spelling of each GUC reported via ParameterStatus."""
+        return {k.lower(): k for k in (self.server_params or {})}
 
     # ------------------------------------------------------------ maintenance
     async def maintain(self) -> None:
@@ -240,19 +272,20 @@ class Pool:
 async def sync_params(srv: ServerConn, wanted: dict[str, str]) -> None:
     """Make the server's session parameters equal the client's, sending only the difference.
 
-    wanted maps lower-case GUC names to the client's values.  Parameters an earlier
-    client set and this one did not are RESET to the server's login default.
+    wanted maps lower-case GUC names to the client's values.  Values go through
+    set_config(), which parses them as a startup packet or postgresql.conf value
+    would (so `search_path=a,b` is a list, not one quoted name).  Parameters an
+    earlier client set and this one did not are RESET to the server's login default.
     """
-    stmts = []
     current = srv.set_params
-    for name, value in wanted.items():
-        if current.get(name) != value:
-            stmts.append(f"SET {quote_ident(name)} TO {quote_literal(value)}")
-    for name in current:
-        if name not in wanted:
-            stmts.append(f"RESET {quote_ident(name)}")
-    if not stmts:
+    changed = [(n, v) for n, v in wanted.items() if current.get(n) != v]
+    resets = [n for n in current if n not in wanted]
+    if not changed and not resets:
         return
+    stmts = [f"RESET {quote_ident(n)}" for n in resets]
+    if changed:
+        stmts.append("SELECT " + ", ".join(f"pg_catalog.set_config({quote_literal(n)}, {quote_literal(v)}, false)"
+                                           for n, v in changed))
     await srv.conn.simple_query(";".join(stmts))
     srv.set_params = dict(wanted)
     srv.tx = srv.conn.tx_status
