@@ -15,6 +15,7 @@ import struct
 
 import trio
 
+from pgherd.router.txstart import starts_transaction
 from pgherd.shared import net
 from pgherd.shared.pgconn import ServerError, send_cancel
 from pgherd.shared.wire import errors as E
@@ -276,6 +277,12 @@ class ClientSession:
                 if not await self._attach():
                     continue
             srv = self.server
+            if self.mode == "statement" and self._opens_transaction():
+                await self._fail_request(E.PgError(
+                    E.FEATURE_NOT_SUPPORTED, "transaction blocks are not allowed in statement pooling mode",
+                    hint="use pooler_mode transaction or session for this user or database"))
+                self._maybe_release()
+                continue
             fwd, terminate = self._scan_client(srv)
             if fwd:
                 try:
@@ -334,6 +341,27 @@ class ClientSession:
             p = stop
         return p, False
 
+    def _opens_transaction(self) -> bool:
+        """Statement mode: does a complete Query or Parse in the buffer open a transaction?"""
+        p, buf = 0, self.buf
+        if self.skip:
+            return False
+        while self.end - p >= 5:
+            t, length = _unpack_hdr(buf, p)
+            stop = p + 1 + length
+            if length < 4 or stop > self.end:
+                return False
+            if t == P.F_QUERY:
+                sql = M.read_query(buf[p + 5:stop])
+            elif t == P.F_PARSE:
+                sql = M.read_parse(buf[p + 5:stop]).query
+            else:
+                sql = None
+            if sql is not None and starts_transaction(sql):
+                return True
+            p = stop
+        return False
+
     async def _pump(self, srv: ServerConn) -> None:
         """Relay server replies until every expected ReadyForQuery arrived or COPY IN starts."""
         while srv.owes_reply():
@@ -377,6 +405,9 @@ class ClientSession:
                 srv.broken = True
                 raise E.PgError(E.PROTOCOL_VIOLATION, "server sent an invalid message length", fatal=True)
             stop = p + 1 + length
+            if t == P.B_READY_FOR_QUERY and self.mode == "statement" and stop <= end \
+                    and buf[p + 5] != P.TX_IDLE:
+                await self._refuse_transaction(srv, p, stop)
             if t in _NEEDS_BODY:
                 if stop > end:
                     if 1 + length > len(buf):
@@ -399,6 +430,20 @@ class ClientSession:
                 conn.rstart = p
                 raise
             conn.rstart = p
+
+    async def _refuse_transaction(self, srv: ServerConn, rfq: int, stop: int) -> None:
+        """Statement mode forbids transactions (as PgBouncer): the client gets an error
+        in place of the ReadyForQuery that would open one, and is disconnected; the
+        server is rolled back on the way out."""
+        conn = srv.conn
+        await net.send_all(self.sock, memoryview(conn.rbuf)[conn.rstart:rfq])
+        srv.tx = conn.rbuf[rfq + 5]
+        srv.ready_for_query()
+        conn.rstart = stop
+        raise E.PgError(E.FEATURE_NOT_SUPPORTED,
+                        "transaction blocks are not allowed in statement pooling mode",
+                        hint="use pooler_mode transaction or session for this user or database",
+                        fatal=True)
 
     def _on_server_message(self, srv: ServerConn, t: int, buf, b0: int, b1: int) -> None:
         if t == P.B_READY_FOR_QUERY:
@@ -503,13 +548,6 @@ class ClientSession:
         if srv.tx == P.TX_IDLE:
             self.server = None
             self.pool.checkin(srv)
-        elif self.mode == "statement":
-            # Statement mode forbids transactions (PgBouncer semantics).
-            srv.broken = True
-            self.server = None
-            self.pool.checkin(srv)
-            raise E.PgError(E.FEATURE_NOT_SUPPORTED,
-                            "transaction blocks are not allowed in statement pooling mode", fatal=True)
 
     async def _server_lost(self, srv: ServerConn) -> None:
         srv.broken = True
@@ -521,7 +559,9 @@ class ClientSession:
     async def _release_dirty(self, srv: ServerConn) -> None:
         """The client left: bring the server back to idle (rollback) or close it."""
         pool = self.pool
-        if srv.broken:
+        if srv.broken or self.skip:
+            # A message the client left half-sent cannot be completed: close the server.
+            srv.broken = True
             pool.checkin(srv)
             return
         needs_reset = self.mode == "session" or srv.set_params
@@ -551,9 +591,6 @@ class ClientSession:
         if srv.copy_in:
             await conn.send(M.copy_fail("client disconnected"))
             srv.copy_in = False
-        if srv.skip:
-            # A half-sent message cannot be completed: the server must be closed.
-            raise E.PgError(E.PROTOCOL_VIOLATION, "client left in the middle of a message")
         if srv.unsynced:
             await conn.send(M.sync())
             srv.expect.append(P.F_SYNC)

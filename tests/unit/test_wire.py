@@ -161,3 +161,14 @@ def test_parse_options(options, expected):
 def test_parse_options_rejects(options):
     with pytest.raises(E.PgError):
         parse_options(options)
+
+
+@pytest.mark.parametrize("sql,expected", [
+    ("BEGIN", True), ("begin;", True), ("  \n begin isolation level serializable", True),
+    ("START TRANSACTION", True), ("/* a /* nested */ comment */ BEGIN", True), ("-- c\nbegin", True),
+    ("select 1", False), ("beginning", False), ("begin_x", False), ("", False), ("/* unterminated", False),
+    ("commit", False), ("select 'begin'", False),
+])
+def test_starts_transaction(sql, expected):
+    from pgherd.router.txstart import starts_transaction
+    assert starts_transaction(sql) is expected
