@@ -60,16 +60,12 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     for key in config.unsupported_keys():
         log.warning("config key %s is accepted but not supported yet; it has no effect", key)
-    from pgherd.worker.main import run_worker
+    from .main import run_supervisor
 
     try:
-        run_worker(config, 0)
-    except OSError as exc:
-        log.error("%s", exc)
-        return 1
+        return run_supervisor(config, lambda: load(args))
     except KeyboardInterrupt:
         return 0
-    return 0
 
 
 if __name__ == "__main__":

@@ -12,6 +12,7 @@ import logging
 import secrets
 import socket
 import struct
+from types import SimpleNamespace
 
 import trio
 
@@ -24,6 +25,8 @@ from pgherd.shared.wire import protocol as P
 from pgherd.shared.wire.framing import HEADER, STARTUP_HEADER, startup_length
 
 from . import auth
+from .admin import serve_admin
+from .context import admin_login_error
 from .pool import Pool, sync_params
 from .server import COPY_END, ServerConn
 
@@ -33,6 +36,13 @@ log = logging.getLogger("pgherd.client")
 # enough that 10,000 idle clients stay cheap (a request never has to fit: large
 # messages stream through).
 CLIENT_BUFFER = 16 * 1024
+# Admin console queries are short commands; anything longer is refused.
+ADMIN_MAX_MESSAGE = 64 * 1024
+# ParameterStatus the admin console reports (it has no server behind it).
+ADMIN_PARAMETERS = {"server_version": "16.0 (pgherd)", "server_encoding": "UTF8", "client_encoding": "UTF8",
+                    "DateStyle": "ISO, MDY", "integer_datetimes": "on", "standard_conforming_strings": "on",
+                    "TimeZone": "UTC", "IntervalStyle": "postgres", "is_superuser": "off",
+                    "application_name": ""}
 # Server messages whose body the relay must read before forwarding them.
 _NEEDS_BODY = frozenset([P.B_READY_FOR_QUERY, P.B_COPY_IN_RESPONSE, P.B_COPY_BOTH_RESPONSE,
                          P.B_PARAMETER_STATUS])
@@ -121,19 +131,29 @@ class ClientSession:
             raise E.ProtocolViolation("message too large for the startup phase")
         self.end += await net.recv_into(self.sock, self.view[self.end:])
 
+    async def read_admin_message(self) -> tuple[int, bytes]:
+        """Admin console: whole messages, bounded by ADMIN_MAX_MESSAGE."""
+        t, body = await self.read_message(ADMIN_MAX_MESSAGE)
+        if t not in _VALID_REQUEST_TYPES:
+            raise E.ProtocolViolation(f"invalid frontend message type {t}")
+        return t, body
+
     def _consume(self, n: int) -> None:
         rest = self.end - n
         if rest:
             self.buf[0:rest] = self.buf[n:self.end]
         self.end = rest
 
-    async def read_message(self) -> tuple[int, bytes]:
-        """One whole regular message (startup/auth phase only; small messages)."""
+    async def read_message(self, limit: int = P.MAX_STARTUP_PACKET) -> tuple[int, bytes]:
+        """One whole regular message of at most `limit` bytes (login and admin console)."""
         while True:
             if self.end >= 5:
                 t, length = _unpack_hdr(self.buf, 0)
-                if length < 4 or length > P.MAX_STARTUP_PACKET:
-                    raise E.ProtocolViolation(f"invalid message length {length} during authentication")
+                if length < 4 or length > limit:
+                    raise E.ProtocolViolation(f"invalid message length {length} (allowed 4..{limit})")
+                if length + 1 > len(self.buf):
+                    self.buf.extend(bytes(length + 1 - len(self.buf)))
+                    self.view = memoryview(self.buf)
                 if self.end >= length + 1:
                     body = bytes(self.buf[5:length + 1])
                     self._consume(length + 1)
@@ -237,6 +257,9 @@ class ClientSession:
             settings.update(parse_options(params["options"]))
         self.settings = settings
 
+        if self.database == self.ctx.config.admin.name:
+            await self._admin_login(user)
+            return
         user_cfg, pool = self.ctx.lookup(user, self.database)
         await auth.authenticate(self, user, user_cfg, self.ctx.auth_type)
         if pool is None:
@@ -257,6 +280,23 @@ class ClientSession:
         await self.send(b"".join(out))
         log.debug("client %s logged in as %s to %s", self.addr, user, self.database)
 
+    async def _admin_login(self, user: str) -> None:
+        admin = self.ctx.config.admin
+        if not admin.password:
+            raise admin_login_error()
+        user_cfg = SimpleNamespace(password=admin.password, password_hash=None) if user == admin.user else None
+        await auth.authenticate(self, user, user_cfg, self.ctx.auth_type)
+        self.mode = "admin"
+        self.pid, self.secret = self.ctx.register(self)
+        out = [M.auth_ok()]
+        out += [M.parameter_status(k, v) for k, v in ADMIN_PARAMETERS.items()]
+        out.append(M.backend_key_data(self.pid, self.secret))
+        out.append(M.ready_for_query(P.TX_IDLE))
+        await self.send(b"".join(out))
+        self.state = "active"
+        await serve_admin(self)
+        raise ClientGone()
+
     # ================================================================ relay
     async def _relay(self) -> None:
         while True:
@@ -269,6 +309,7 @@ class ClientSession:
                     continue
             n = await net.recv_into(self.sock, self.view[self.end:])
             self.end += n
+            self.pool.received += n
             if self.server is None:
                 if self.skip == 0 and self.end < 5:
                     continue  # not even one header yet
@@ -283,6 +324,10 @@ class ClientSession:
                     hint="use pooler_mode transaction or session for this user or database"))
                 self._maybe_release()
                 continue
+            if not srv.owes_reply():
+                srv.req_start = now = trio.current_time()
+                if srv.tx == P.TX_IDLE:
+                    srv.xact_start = now
             fwd, terminate = self._scan_client(srv)
             if fwd:
                 try:
@@ -424,6 +469,7 @@ class ClientSession:
                 break
             p = stop
         if p > conn.rstart:
+            srv.pool.sent += p - conn.rstart
             try:
                 await net.send_all(self.sock, memoryview(conn.rbuf)[conn.rstart:p])
             except net.PeerClosed:
@@ -450,6 +496,14 @@ class ClientSession:
             srv.tx = buf[b0]
             if not srv.ready_for_query():
                 srv.broken = True  # a ReadyForQuery nobody asked for: out of sync
+            pool = srv.pool
+            now = trio.current_time()
+            pool.query_count += 1
+            pool.query_time += int((now - srv.req_start) * 1_000_000)
+            srv.req_start = now
+            if srv.tx == P.TX_IDLE:
+                pool.xact_count += 1
+                pool.xact_time += int((now - srv.xact_start) * 1_000_000)
         elif t == P.B_PARAMETER_STATUS:
             name, value = M.read_parameter_status(buf[b0:b1])
             srv.conn.params[name] = value
@@ -481,7 +535,19 @@ class ClientSession:
         On failure the client gets the error in place of each reply it expects
         and stays connected, or is disconnected if the request is incomplete.
         """
+        ctx = self.ctx
+        if ctx.paused or ctx.maintenance:
+            self.state = "waiting"
+            await ctx.wait_gate(self.database)
         pool = self.pool
+        if pool.closed:
+            # The configuration was reloaded: use the pool that now serves this login.
+            _, pool = ctx.lookup(self.user, self.database)
+            if pool is None:
+                raise E.PgError(E.INVALID_CATALOG_NAME,
+                                f'database "{self.database}" is no longer served for user "{self.user}"',
+                                fatal=True)
+            self.pool = pool
         self.state = "waiting"
         try:
             srv = await pool.checkout()

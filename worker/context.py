@@ -8,6 +8,8 @@ import secrets
 
 import trio
 
+from pgherd.shared.backend_key import PID_COUNTER_MASK, make_pid, pid_owner
+from pgherd.shared.wire import errors as E
 from pgherd.shared.wire import protocol as P
 
 from .pool import Pool, PoolSettings
@@ -17,25 +19,43 @@ log = logging.getLogger("pgherd.worker")
 # Pool maintenance (idle_timeout, server_lifetime, min_pool_size) runs this often:
 # idle_timeout has millisecond units but second-level precision is what users expect.
 MAINTENANCE_INTERVAL = 1.0
-# BackendKeyData pids handed to clients carry the worker index in their top bits
-# so a CancelRequest can be routed to the owning worker: pid = (index+1) << 22 | n.
-PID_INDEX_SHIFT = 22
-PID_COUNTER_MASK = (1 << PID_INDEX_SHIFT) - 1
+# Every database (PAUSE / MAINTENANCE ON without a name).
+ALL = "*"
 
 
-def pid_owner(pid: int) -> int:
-    """Worker index encoded in a pid handed out by pgherd (-1 if not ours)."""
-    return (pid >> PID_INDEX_SHIFT) - 1
+def worker_share(total: int, index: int, workers: int) -> int:
+    """This worker's part of an instance-wide pool size: an even split, at least 1.
+
+    The sum over workers is max(total, workers): e.g. 10 over 3 workers is 4+3+3.
+    """
+    workers = max(1, workers)
+    share = total // workers + (1 if index < total % workers else 0)
+    return max(1, share)
+
+
+def worker_min_share(total: int, index: int, workers: int) -> int:
+    """min_pool_size split the same way, but 0 is allowed (min 1 over 3 workers: 1+0+0)."""
+    workers = max(1, workers)
+    return total // workers + (1 if index < total % workers else 0)
 
 
 class WorkerContext:
-    def __init__(self, config, index: int = 0) -> None:
+    def __init__(self, config, index: int = 0, workers: int = 1, link=None, node: int = 0) -> None:
         self.index = index
+        self.workers = workers
+        self.link = link
+        self.node = node
         self.clients: dict[int, object] = {}
         self._counter = 0
         self.pools: dict[tuple[str, str], Pool] = {}
+        self.draining: list[Pool] = []
+        self.paused: set[str] = set()
+        self.maintenance: set[str] = set()
+        self._gate_changed = trio.Event()
+        self.started = trio.current_time()
         self.apply_config(config)
 
+    # ------------------------------------------------------------ configuration
     def apply_config(self, config) -> None:
         g = config.general
         self.config = config
@@ -43,16 +63,36 @@ class WorkerContext:
         self.client_login_timeout = g.client_login_timeout / 1000
         self.max_message_size = min(g.max_message_size, P.MAX_MESSAGE_SIZE_LIMIT)
         self.shutdown_timeout = g.shutdown_timeout / 1000
-        self.pools = self._build_pools(config)
-
-    def _build_pools(self, config) -> dict[tuple[str, str], Pool]:
-        pools: dict[tuple[str, str], Pool] = {}
+        old, self.pools = self.pools, {}
         for user in config.users:
             if user.database:
-                pool = self._make_pool(config, user, user.database)
-                if pool is not None:
-                    pools[(user.name, user.database)] = pool
-        return pools
+                self.lookup(user.name, user.database)
+        # Pools whose settings did not change keep their server connections.
+        for key, pool in old.items():
+            new = self.pools.get(key)
+            if new is None and key[0] in {u.name for u in config.users}:
+                user_cfg = config.find_user(*key)
+                new = self._make_pool(config, user_cfg, key[1]) if user_cfg else None
+                if new is not None:
+                    self.pools[key] = new
+            if new is not None and new.settings == pool.settings and new.shard == pool.shard:
+                self.pools[key] = pool
+            else:
+                pool.close_all()  # drains: busy servers close when their client lets go
+                if pool.active:
+                    self.draining.append(pool)
+
+    def reload(self, config_data: dict, workers: int) -> None:
+        from pgherd.config import Config
+
+        try:
+            config = Config.model_validate(config_data)
+        except Exception as exc:  # the supervisor validated it; never crash on it
+            log.error("worker %d: cannot apply reloaded config: %s", self.index, exc)
+            return
+        self.workers = workers
+        self.apply_config(config)
+        log.info("worker %d: configuration reloaded", self.index)
 
     def _make_pool(self, config, user, database: str) -> Pool | None:
         g = config.general
@@ -66,14 +106,17 @@ class WorkerContext:
         settings = PoolSettings(
             host=db.host, port=db.port, database_name=db.database_name or db.name,
             server_user=server_user, server_password=server_password,
-            pool_size=config.pool_size(user, db), min_pool_size=config.min_pool_size(user, db),
+            pool_size=worker_share(config.pool_size(user, db), self.index, self.workers),
+            min_pool_size=worker_min_share(config.min_pool_size(user, db), self.index, self.workers),
             pooler_mode=config.pooler_mode(user, db),
             checkout_timeout=g.checkout_timeout / 1000, connect_timeout=g.connect_timeout / 1000,
             connect_attempts=g.connect_attempts, connect_attempt_delay=g.connect_attempt_delay / 1000,
             idle_timeout=config.idle_timeout(user, db) / 1000,
             server_lifetime=config.server_lifetime(user, db) / 1000,
             rollback_timeout=g.rollback_timeout / 1000)
-        return Pool(user.name, database, settings, db.shard, db.role)
+        pool = Pool(user.name, database, settings, db.shard, db.role)
+        pool.configured_size = config.pool_size(user, db)
+        return pool
 
     def lookup(self, user: str, database: str):
         """(users.toml entry, pool) for a login; (None, None) when unknown."""
@@ -88,16 +131,45 @@ class WorkerContext:
                 self.pools[(user, database)] = pool
         return user_cfg, pool
 
+    # ------------------------------------------------------------ pause / maintenance
+    def set_state(self, paused: list[str], maintenance: list[str]) -> None:
+        self.paused, self.maintenance = set(paused), set(maintenance)
+        self._gate_changed.set()
+        self._gate_changed = trio.Event()
+
+    def gated(self, database: str) -> bool:
+        for s in (self.paused, self.maintenance):
+            if ALL in s or database in s:
+                return True
+        return False
+
+    async def wait_gate(self, database: str) -> None:
+        """Hold a new transaction while its database is paused or in maintenance."""
+        while self.gated(database):
+            await self._gate_changed.wait()
+
+    def reconnect(self) -> None:
+        """RECONNECT: replace every server connection after its current use."""
+        for pool in self.pools.values():
+            pool.reconnect()
+
+    # ------------------------------------------------------------ clients, cancel
     def register(self, client) -> tuple[int, int]:
         while True:
             self._counter = (self._counter + 1) & PID_COUNTER_MASK
-            pid = ((self.index + 1) << PID_INDEX_SHIFT) | self._counter
+            pid = make_pid(self.index, self._counter)
             if pid not in self.clients and self._counter:
                 break
         self.clients[pid] = client
         return pid, secrets.randbits(31)
 
     async def cancel(self, pid: int, secret: int) -> None:
+        owner = pid_owner(pid)
+        if owner != self.index:
+            if self.link is not None and 0 <= owner:
+                from pgherd.shared.bus.messages import CancelForward
+                self.link.send(CancelForward(pid=pid, secret=secret))
+            return
         client = self.clients.get(pid)
         # A wrong secret is ignored silently, as Postgres does.
         if client is None or not hmac.compare_digest(secret.to_bytes(4, "big", signed=True),
@@ -105,6 +177,7 @@ class WorkerContext:
             return
         await client.cancel_server_query()
 
+    # ------------------------------------------------------------ maintenance
     async def maintenance_loop(self) -> None:
         while True:
             for pool in list(self.pools.values()):
@@ -112,8 +185,16 @@ class WorkerContext:
                     await pool.maintain()
                 except Exception:  # never let maintenance kill the worker
                     log.exception("pool %s: maintenance failed", pool.name)
+            self.draining = [p for p in self.draining if p.active]
             await trio.sleep(MAINTENANCE_INTERVAL)
 
     def close(self) -> None:
         for pool in self.pools.values():
             pool.close_all()
+
+
+def admin_login_error() -> E.PgError:
+    return E.PgError(E.INVALID_AUTHORIZATION,
+                     "the admin console is disabled: no [admin] password is configured",
+                     hint="set [admin] password (and user) in pgherd.toml, then RELOAD or restart",
+                     fatal=True)

@@ -3,11 +3,14 @@
 from __future__ import annotations
 
 import logging
+import os
 import signal
+import time
 
 import trio
 
 from pgherd.shared import net
+from pgherd.shared.logs import setup_logging
 
 from .client import ClientSession
 from .context import WorkerContext
@@ -17,14 +20,24 @@ log = logging.getLogger("pgherd.worker")
 
 # While draining at shutdown, check for finished transactions this often.
 DRAIN_POLL = 0.05
+# A worker whose supervisor died stops serving (no orphan keeps the port with a
+# stale configuration): it checks its parent this often. (PR_SET_PDEATHSIG does
+# not fit: it fires when the *thread* that spawned the worker exits, and trio
+# spawns processes from its thread cache.)
+PARENT_CHECK_INTERVAL = 1.0
+# Exit status of a worker that could not start serving (the supervisor reports it).
+EXIT_START_FAILED = 3
 
 
-async def serve(config, index: int = 0, *, task_status=trio.TASK_STATUS_IGNORED) -> None:
-    """Serve clients of `config` until SIGINT/SIGTERM; then drain and return."""
-    ctx = WorkerContext(config, index)
+async def serve(config, index: int = 0, *, link=None, workers: int = 1, node: int = 0,
+                task_status=trio.TASK_STATUS_IGNORED) -> None:
+    """Serve clients of `config` until SIGINT/SIGTERM or a Shutdown; then drain and return."""
+    ctx = WorkerContext(config, index, workers=workers, link=link, node=node)
     g = config.general
     listeners = bind_listener(g.host, g.port)
     log.info("worker %d listening on %s:%d", index, g.host, g.port)
+    if link is not None:
+        link.ctx = ctx
     with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as signals:
         async with trio.open_nursery() as clients:
             async with trio.open_nursery() as service:
@@ -32,9 +45,23 @@ async def serve(config, index: int = 0, *, task_status=trio.TASK_STATUS_IGNORED)
                     service.start_soon(accept_loop, sock, clients, _handler(ctx))
                 service.start_soon(ctx.maintenance_loop)
                 task_status.started(ctx)
-                async for signum in signals:
-                    log.info("worker %d: %s received, shutting down", index, signal.Signals(signum).name)
-                    break
+                stop = trio.Event()
+
+                async def on_signal():
+                    async for signum in signals:
+                        log.info("worker %d: %s received, shutting down", index, signal.Signals(signum).name)
+                        stop.set()
+                        return
+
+                async def on_shutdown():
+                    await link.shutdown.wait()
+                    log.info("worker %d: shutdown requested by the supervisor", index)
+                    stop.set()
+
+                service.start_soon(on_signal)
+                if link is not None:
+                    service.start_soon(on_shutdown)
+                await stop.wait()
                 service.cancel_scope.cancel()
             for sock in listeners:
                 net.close_quietly(sock)
@@ -74,5 +101,56 @@ def _handler(ctx: WorkerContext):
 
 
 def run_worker(config, index: int = 0) -> None:
-    """Blocking entry point (the supervisor starts this in a fresh process)."""
+    """Serve in this process without a supervisor (tests and embedding)."""
     trio.run(serve, config, index)
+
+
+async def _watch_parent(link, parent: int) -> None:
+    while os.getppid() == parent:
+        await trio.sleep(PARENT_CHECK_INTERVAL)
+    log.error("the supervisor (pid %d) is gone: shutting down", parent)
+    link.shutdown.set()
+
+
+def run_worker_process(index: int, bus_dir: str) -> int:
+    """Entry point of `python -m pgherd.worker`: get the config over the bus and serve."""
+    setup_logging()
+    return trio.run(_worker_process, index, bus_dir)
+
+
+async def _worker_process(index: int, bus_dir: str) -> int:
+    from pgherd.config import Config
+    from pgherd.shared.bus.messages import Ready, StartFailed
+
+    from .link import WorkerLink
+
+    link = WorkerLink(index, bus_dir)
+    try:
+        async with trio.open_nursery() as n:
+            await n.start(link.run)
+            n.start_soon(_watch_parent, link, os.getppid())
+            welcome = await link.hello()
+            config = Config.model_validate(welcome.config)
+            setup_logging(config.general.log_level)
+            wait = welcome.not_before_ms / 1000 - time.time()
+            if wait > 0:
+                # unique_id(): a restarted worker must not reuse its predecessor's milliseconds.
+                await trio.sleep(wait)
+            async def serve_then_stop(task_status=trio.TASK_STATUS_IGNORED):
+                await serve(config, index, link=link, workers=welcome.workers, node=welcome.node,
+                            task_status=task_status)
+                n.cancel_scope.cancel()  # stop the bus tasks too
+
+            try:
+                ctx = await n.start(serve_then_stop)
+            except OSError as exc:
+                log.error("worker %d cannot start: %s", index, exc)
+                link.send(StartFailed(index=index, reason=str(exc)))
+                await trio.sleep(0.2)  # let the message go out
+                n.cancel_scope.cancel()
+                return EXIT_START_FAILED
+            ctx.set_state(welcome.paused, welcome.maintenance)
+            link.send(Ready(index=index))
+    finally:
+        link.close()
+    return 0

@@ -71,6 +71,18 @@ class Pool:
         self.canonical: dict[tuple[str, str], str] = {}
         self.closed = False
         self.errors = 0
+        self.configured_size = settings.pool_size  # instance-wide size before the worker split
+        # Bumped by RECONNECT: servers from an older generation are closed at checkin.
+        self.generation = 0
+        # Counters for SHOW STATS / metrics (times in microseconds).
+        self.xact_count = 0
+        self.query_count = 0
+        self.received = 0
+        self.sent = 0
+        self.xact_time = 0
+        self.query_time = 0
+        self.wait_time = 0
+        self.waiting_since: dict[int, float] = {}
 
     @property
     def name(self) -> str:
@@ -95,8 +107,14 @@ class Pool:
     async def _wait(self) -> ServerConn:
         waiter = _Waiter()
         self.waiters.append(waiter)
-        with trio.move_on_after(self.settings.checkout_timeout):
-            await waiter.event.wait()
+        started = trio.current_time()
+        self.waiting_since[id(waiter)] = started
+        try:
+            with trio.move_on_after(self.settings.checkout_timeout):
+                await waiter.event.wait()
+        finally:
+            del self.waiting_since[id(waiter)]
+            self.wait_time += int((trio.current_time() - started) * 1_000_000)
         if not waiter.event.is_set():
             self.waiters.remove(waiter)
             raise E.PgError(E.TOO_MANY_CONNECTIONS,
@@ -147,7 +165,9 @@ class Pool:
                     continue
                 if self.server_params is None:
                     self.server_params = dict(conn.params)
-                return ServerConn(conn, self)
+                srv = ServerConn(conn, self)
+                srv.generation = self.generation
+                return srv
         finally:
             self.opening -= 1
         raise E.PgError(E.CONNECTION_FAILURE, f"could not connect to server {s.host}:{s.port}: {last}",
@@ -159,7 +179,7 @@ class Pool:
         self.active -= 1
         srv.client = None
         srv.last_used = trio.current_time()
-        if not srv.idle or self.closed or self._expired(srv):
+        if not srv.idle or self.closed or self._expired(srv) or srv.generation != self.generation:
             self._discard(srv)
             return
         srv.expect.clear()  # only stray COPY_END markers can be left here
@@ -256,17 +276,26 @@ class Pool:
             waiter.server = srv
             waiter.event.set()
 
+    def reconnect(self) -> None:
+        """Replace every connection after its current use (admin RECONNECT)."""
+        self.generation += 1
+        while self.idle:
+            self.idle.pop().close()
+            self.total -= 1
+        self._wake_one()
+
+    def maxwait(self) -> float:
+        """Seconds the oldest waiting client has waited (PgBouncer's maxwait)."""
+        if not self.waiting_since:
+            return 0.0
+        return trio.current_time() - min(self.waiting_since.values())
+
     def close_all(self) -> None:
         self.closed = True
         while self.idle:
             self.idle.pop().close()
             self.total -= 1
 
-    def stats(self) -> dict:
-        return {"user": self.user, "database": self.database, "host": self.settings.host,
-                "port": self.settings.port, "sv_idle": len(self.idle), "sv_active": self.active,
-                "sv_login": self.opening, "cl_waiting": len(self.waiters), "total": self.total,
-                "pool_mode": self.settings.pooler_mode}
 
 
 async def sync_params(srv: ServerConn, wanted: dict[str, str]) -> None:

@@ -30,7 +30,8 @@ class ServerConn:
     """
 
     __slots__ = ("conn", "sock", "pool", "created", "last_used", "expect", "unsynced",
-                 "copy_in", "tx", "set_params", "broken", "skip", "id", "client")
+                 "copy_in", "tx", "set_params", "broken", "skip", "id", "client", "generation",
+                 "req_start", "xact_start")
 
     _next_id = 0
 
@@ -48,6 +49,10 @@ class ServerConn:
         self.broken = False
         # Relay: bytes of a passed-through message body still to arrive.
         self.skip = 0
+        self.generation = 0
+        # Timing of the request / transaction in progress (trio clock), for stats.
+        self.req_start = 0.0
+        self.xact_start = 0.0
         ServerConn._next_id += 1
         self.id = ServerConn._next_id
         self.client = None
