@@ -31,14 +31,22 @@ EXIT_START_FAILED = 3
 
 async def serve(config, index: int = 0, *, link=None, workers: int = 1, node: int = 0,
                 task_status=trio.TASK_STATUS_IGNORED) -> None:
-    """Serve clients of `config` until SIGINT/SIGTERM or a Shutdown; then drain and return."""
+    """Serve clients of `config` until SIGTERM (or SIGINT alone) or a Shutdown; then drain.
+
+    Under a supervisor the worker ignores SIGINT (a terminal's Ctrl-C reaches the
+    whole process group; the supervisor turns it into an orderly shutdown) and
+    never treats a repeated signal as "exit now": the supervisor decides that
+    and kills workers itself.
+    """
     ctx = WorkerContext(config, index, workers=workers, link=link, node=node)
+    supervised = link is not None
+    stop_signals = (signal.SIGTERM,) if supervised else (signal.SIGTERM, signal.SIGINT)
     g = config.general
     listeners = bind_listener(g.host, g.port)
     log.info("worker %d listening on %s:%d", index, g.host, g.port)
     if link is not None:
         link.ctx = ctx
-    with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as signals:
+    with trio.open_signal_receiver(*stop_signals) as signals:
         async with trio.open_nursery() as clients:
             async with trio.open_nursery() as service:
                 for sock in listeners:
@@ -65,7 +73,7 @@ async def serve(config, index: int = 0, *, link=None, workers: int = 1, node: in
                 service.cancel_scope.cancel()
             for sock in listeners:
                 net.close_quietly(sock)
-            await _drain(ctx, clients, signals)
+            await _drain(ctx, clients, None if supervised else signals)
     ctx.close()
     log.info("worker %d stopped", index)
 
@@ -80,7 +88,8 @@ async def _drain(ctx: WorkerContext, clients: trio.Nursery, signals) -> None:
                     n.cancel_scope.cancel()
                     return
 
-            n.start_soon(second_signal)
+            if signals is not None:
+                n.start_soon(second_signal)
             while any(c.server is not None or c.state in ("login", "waiting")
                       for c in ctx.clients.values()):
                 await trio.sleep(DRAIN_POLL)
@@ -114,6 +123,7 @@ async def _watch_parent(link, parent: int) -> None:
 
 def run_worker_process(index: int, bus_dir: str) -> int:
     """Entry point of `python -m pgherd.worker`: get the config over the bus and serve."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
     setup_logging()
     return trio.run(_worker_process, index, bus_dir)
 
