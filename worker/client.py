@@ -59,6 +59,10 @@ class ClientGone(Exception):
     """The client sent Terminate or closed its socket."""
 
 
+class _Answered(Exception):
+    """The request was already answered with an error (no server attached)."""
+
+
 def parse_options(options: str) -> dict[str, str]:
     """Settings from the startup `options` parameter: `-c name=value` and `--name=value`.
 
@@ -121,6 +125,8 @@ class ClientSession:
         self.mode = "transaction"
         self.connect_time = trio.current_time()
         self.state = "login"
+        # Set while the client waits for a server; a CancelRequest cancels the wait.
+        self._wait_scope: trio.CancelScope | None = None
 
     # ================================================================ I/O helpers
     async def send(self, data: bytes) -> None:
@@ -315,7 +321,11 @@ class ClientSession:
                     continue  # not even one header yet
                 if self.skip == 0 and self.buf[0] == P.F_TERMINATE:
                     raise ClientGone()
-                if not await self._attach():
+                try:
+                    attached = await self._attach()
+                except _Answered:
+                    attached = False
+                if not attached:
                     continue
             srv = self.server
             if self.mode == "statement" and self._opens_transaction():
@@ -535,9 +545,22 @@ class ClientSession:
         On failure the client gets the error in place of each reply it expects
         and stays connected, or is disconnected if the request is incomplete.
         """
+        self.state = "waiting"
+        srv = None
+        with trio.CancelScope() as self._wait_scope:
+            srv = await self._checkout()
+        self._wait_scope = None
+        if srv is None:
+            # Cancelled while waiting: the request never reached a server.
+            self.state = "active"
+            await self._fail_request(E.PgError(E.QUERY_CANCELED, "canceling statement due to user request"))
+            return False
+        return await self._prepare_server(srv)
+
+    async def _checkout(self) -> ServerConn | None:
+        """Wait for the gates and a server of the client's pool (None if cancelled)."""
         ctx = self.ctx
         if ctx.paused or ctx.maintenance:
-            self.state = "waiting"
             await ctx.wait_gate(self.database)
         pool = self.pool
         if pool.closed:
@@ -548,13 +571,15 @@ class ClientSession:
                                 f'database "{self.database}" is no longer served for user "{self.user}"',
                                 fatal=True)
             self.pool = pool
-        self.state = "waiting"
         try:
-            srv = await pool.checkout()
+            return await pool.checkout()
         except E.PgError as exc:
             self.state = "active"
             await self._fail_request(exc)
-            return False
+            raise _Answered() from None
+
+    async def _prepare_server(self, srv: ServerConn) -> bool:
+        pool = self.pool
         srv.client = self
         self.state = "active"
         self.server = srv
@@ -683,6 +708,9 @@ class ClientSession:
 
     # ================================================================ cancel
     async def cancel_server_query(self) -> None:
+        if self._wait_scope is not None:
+            self._wait_scope.cancel()  # still waiting for a server: the query never runs
+            return
         srv = self.server
         if srv is not None and not srv.broken:
             await send_cancel(srv.conn.host, srv.conn.port, srv.conn.pid, srv.conn.secret)

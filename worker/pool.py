@@ -112,6 +112,18 @@ class Pool:
         try:
             with trio.move_on_after(self.settings.checkout_timeout):
                 await waiter.event.wait()
+        except BaseException:
+            # Cancelled (client cancel request, shutdown): leave the queue cleanly and
+            # give back whatever was handed to us meanwhile.
+            if not waiter.event.is_set():
+                self.waiters.remove(waiter)
+            elif waiter.server is not None:
+                self.active += 1
+                self.checkin(waiter.server)
+            elif waiter.may_connect:
+                self.total -= 1
+                self._wake_one()
+            raise
         finally:
             del self.waiting_since[id(waiter)]
             self.wait_time += int((trio.current_time() - started) * 1_000_000)
