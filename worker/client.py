@@ -9,6 +9,7 @@ to its pool if the client is outside a transaction (transaction mode).
 from __future__ import annotations
 
 import logging
+import re
 import secrets
 import socket
 import struct
@@ -28,6 +29,8 @@ from . import auth
 from .admin import serve_admin
 from .context import admin_login_error
 from .pool import Pool, sync_params
+from .prepared import (A_BIND, A_CLOSE, A_DESCRIBE_P, A_DESCRIBE_S, A_EXECUTE, A_FUNCTION, A_PARSE,
+                       A_QUERY, A_SYNC, A_SYNTH, Action, read_name, rename_bind, take_synth)
 from .server import COPY_END, ServerConn
 
 log = logging.getLogger("pgherd.client")
@@ -48,6 +51,15 @@ _NEEDS_BODY = frozenset([P.B_READY_FOR_QUERY, P.B_COPY_IN_RESPONSE, P.B_COPY_BOT
                          P.B_PARAMETER_STATUS])
 # Startup parameters that are not session settings.
 _NOT_SETTINGS = frozenset(["user", "database", "options", "replication"])
+# Tracked (prepared statements): client messages rewritten whole, server replies
+# that must be matched whole, and replies that never consume an action.
+_WHOLE_TYPES = frozenset([P.F_PARSE, P.F_BIND, P.F_DESCRIBE, P.F_CLOSE, P.F_QUERY])
+_TRACKED_WHOLE = frozenset([P.B_ERROR_RESPONSE, P.B_PARSE_COMPLETE, P.B_BIND_COMPLETE,
+                            P.B_CLOSE_COMPLETE, P.B_NO_DATA, P.B_COMMAND_COMPLETE])
+_ASYNC_REPLIES = frozenset([P.B_NOTICE_RESPONSE, P.B_NOTIFICATION_RESPONSE, P.B_PARAMETER_STATUS])
+_EXECUTE_END = frozenset([P.B_COMMAND_COMPLETE, P.B_EMPTY_QUERY_RESPONSE, P.B_PORTAL_SUSPENDED])
+_DEALLOCATE = re.compile(r"^\s*deallocate\s+(?:prepare\s+)?(\"[^\"]+\"|[A-Za-z_][A-Za-z0-9_$]*)\s*;?\s*$", re.I)
+_DISCARD_ALL = re.compile(r"^\s*discard\s+all\s*;?\s*$", re.I)
 # Message types that end a request: the server will answer with ReadyForQuery.
 _RFQ_TYPES = frozenset([P.F_QUERY, P.F_SYNC, P.F_FUNCTION_CALL])
 _EXTENDED_TYPES = frozenset([P.F_PARSE, P.F_BIND, P.F_DESCRIBE, P.F_EXECUTE, P.F_CLOSE])
@@ -127,6 +139,12 @@ class ClientSession:
         self.state = "login"
         # Set while the client waits for a server; a CancelRequest cancels the wait.
         self._wait_scope: trio.CancelScope | None = None
+        # Prepared statements (worker/prepared.py): the client's names -> global
+        # names; `tracked` once the client speaks the extended protocol in a
+        # pooled mode, after which every request and reply goes through actions.
+        self.statements: dict[str, str] = {}
+        self.tracked = False
+        self.skip_to_sync = False
 
     # ================================================================ I/O helpers
     async def send(self, data: bytes) -> None:
@@ -144,6 +162,12 @@ class ClientSession:
             raise E.ProtocolViolation(f"invalid frontend message type {t}")
         return t, body
 
+    def _grow(self, size: int) -> None:
+        """Make room for one whole message of `size` bytes (bounded by max_message_size)."""
+        self.view.release()
+        self.buf.extend(bytes(size - len(self.buf)))
+        self.view = memoryview(self.buf)
+
     def _consume(self, n: int) -> None:
         rest = self.end - n
         if rest:
@@ -158,8 +182,7 @@ class ClientSession:
                 if length < 4 or length > limit:
                     raise E.ProtocolViolation(f"invalid message length {length} (allowed 4..{limit})")
                 if length + 1 > len(self.buf):
-                    self.buf.extend(bytes(length + 1 - len(self.buf)))
-                    self.view = memoryview(self.buf)
+                    self._grow(length + 1)
                 if self.end >= length + 1:
                     body = bytes(self.buf[5:length + 1])
                     self._consume(length + 1)
@@ -321,6 +344,8 @@ class ClientSession:
                     continue  # not even one header yet
                 if self.skip == 0 and self.buf[0] == P.F_TERMINATE:
                     raise ClientGone()
+                if self.ctx.rewrite_prepared and self.mode != "session" and await self._answer_locally():
+                    continue
                 try:
                     attached = await self._attach()
                 except _Answered:
@@ -328,6 +353,9 @@ class ClientSession:
                 if not attached:
                     continue
             srv = self.server
+            if not self.tracked and self.ctx.rewrite_prepared and self.mode != "session" \
+                    and self._has_extended():
+                self.tracked = True
             if self.mode == "statement" and self._opens_transaction():
                 await self._fail_request(E.PgError(
                     E.FEATURE_NOT_SUPPORTED, "transaction blocks are not allowed in statement pooling mode",
@@ -338,13 +366,20 @@ class ClientSession:
                 srv.req_start = now = trio.current_time()
                 if srv.tx == P.TX_IDLE:
                     srv.xact_start = now
-            fwd, terminate = self._scan_client(srv)
-            if fwd:
+            if self.tracked:
+                out, fwd, terminate = self._scan_tracked(srv)
+            else:
+                fwd, terminate = self._scan_client(srv)
+                out = self.view[:fwd]
+            if out:
                 try:
-                    await net.send_all(srv.sock, self.view[:fwd])
+                    await net.send_all(srv.sock, out)
                 except net.PeerClosed:
                     await self._server_lost(srv)
+            if fwd:
                 self._consume(fwd)
+            if srv.actions and srv.actions[0].kind == A_SYNTH:
+                await self.send(take_synth(srv.actions))
             if terminate:
                 raise ClientGone()
             if self.skip or self.end:
@@ -395,6 +430,265 @@ class ClientSession:
                 return end, False
             p = stop
         return p, False
+
+    def _has_extended(self) -> bool:
+        """Does the buffer start an extended-protocol exchange? (cheap header walk)"""
+        p, buf, end = 0, self.buf, self.end
+        if self.skip:
+            return False
+        while end - p >= 5:
+            t, length = _unpack_hdr(buf, p)
+            if t in _EXTENDED_TYPES:
+                return True
+            p += 1 + length
+        return False
+
+    async def _answer_locally(self) -> bool:
+        """Answer a request that needs no server, without checking one out.
+
+        A request made only of Parse (of statements already prepared successfully
+        on some server), Close of statements, Flush and Sync, from a client outside
+        a transaction, is answered by pgherd. Clients that prepare with a blocking
+        call (pgbench -M prepared uses PQprepare) would otherwise stall while every
+        server is busy with another of their connections.
+        """
+        buf, end, p = self.buf, self.end, 0
+        plan: list[tuple[int, object]] = []
+        while end - p >= 5:
+            t, length = _unpack_hdr(buf, p)
+            stop = p + 1 + length
+            if length < 4 or stop > end or length > P.MAX_STARTUP_PACKET:
+                return False
+            body = bytes(buf[p + 5:stop])
+            try:
+                if t == P.F_PARSE:
+                    msg = M.read_parse(body)
+                    name = self.ctx.statements.validated_name(msg.query, tuple(msg.param_types))
+                    if not msg.name or name is None or msg.name in self.statements:
+                        return False
+                    plan.append((t, (msg.name, name)))
+                elif t == P.F_CLOSE:
+                    kind, stmt = M.read_describe_or_close(body)
+                    if kind != "S" or not stmt:
+                        return False
+                    plan.append((t, stmt))
+                elif t in (P.F_SYNC, P.F_FLUSH):
+                    plan.append((t, None))
+                else:
+                    return False
+            except ValueError:
+                return False
+            p = stop
+        if p != end or not plan:
+            return False
+        out = []
+        for t, arg in plan:
+            if t == P.F_PARSE:
+                self.statements[arg[0]] = arg[1]
+                out.append(M.parse_complete())
+            elif t == P.F_CLOSE:
+                self.statements.pop(arg, None)
+                out.append(M.close_complete())
+            elif t == P.F_SYNC:
+                out.append(M.ready_for_query(P.TX_IDLE))
+        self.tracked = True
+        self.end = 0
+        await self.send(b"".join(out))
+        return True
+
+    def _scan_tracked(self, srv: ServerConn) -> tuple[bytes, int, bool]:
+        """Rewrite the client's messages for prepared statements and queue their actions.
+
+        Returns (bytes for the server, client bytes consumed, terminate). Parse,
+        Bind, Describe, Close and Query are handled whole; other messages stream.
+        """
+        buf, end, p = self.buf, self.end, 0
+        out: list[bytes] = []
+        acts = srv.actions
+        if self.skip:
+            take = min(self.skip, end)
+            out.append(bytes(buf[:take]))
+            self.skip -= take
+            p = take
+        max_size = self.ctx.max_message_size
+        while not self.skip and end - p >= 5:
+            t, length = _unpack_hdr(buf, p)
+            if t not in _VALID_REQUEST_TYPES:
+                raise E.ProtocolViolation(f"invalid frontend message type {t}")
+            if length < 4 or length > max_size:
+                raise E.ProtocolViolation(f"invalid message length {length} for message type "
+                                          f"{chr(t)!r} (allowed 4..{max_size})")
+            stop = p + 1 + length
+            if t == P.F_TERMINATE:
+                return b"".join(out), p, True
+            if stop > end and (t in _WHOLE_TYPES or self.skip_to_sync):
+                if 1 + length > len(buf):
+                    self._grow(1 + length)
+                break  # wait for the rest of the message
+            if self.skip_to_sync and t != P.F_SYNC:
+                p = stop  # Postgres would skip it after the error: so do we
+                continue
+            if t in _WHOLE_TYPES:
+                self._tracked_message(srv, t, bytes(buf[p + 5:stop]), bytes(buf[p:stop]), out)
+                p = stop
+                continue
+            # Streamed messages: Execute, Sync, Flush, FunctionCall and COPY data.
+            if t == P.F_EXECUTE:
+                acts.append(Action(A_EXECUTE))
+                srv.unsynced = True
+            elif t == P.F_SYNC:
+                acts.append(Action(A_SYNC))
+                srv.expect.append(t)
+                srv.unsynced = False
+                self.skip_to_sync = False
+            elif t == P.F_FUNCTION_CALL:
+                acts.append(Action(A_FUNCTION))
+                srv.expect.append(t)
+                srv.unsynced = False
+            elif t == P.F_COPY_DONE or t == P.F_COPY_FAIL:
+                if srv.copy_in:
+                    srv.copy_in = False
+                else:
+                    srv.expect.append(COPY_END)
+            if stop > end:
+                out.append(bytes(buf[p:end]))
+                self.skip = stop - end
+                p = end
+                break
+            out.append(bytes(buf[p:stop]))
+            p = stop
+        return b"".join(out), p, False
+
+    def _tracked_message(self, srv: ServerConn, t: int, body: bytes, raw: bytes, out: list) -> None:
+        acts = srv.actions
+        try:
+            if t == P.F_QUERY:
+                self._tracked_query(srv, body, raw, out)
+            elif t == P.F_PARSE:
+                msg = M.read_parse(body)
+                if not msg.name:
+                    out.append(raw)
+                    acts.append(Action(A_PARSE))
+                elif msg.name in self.statements:
+                    # Postgres' own error for a duplicate name; it then skips to Sync.
+                    acts.append(Action(A_SYNTH, data=E.error_response(
+                        "42P05", f'prepared statement "{msg.name}" already exists')))
+                    self.skip_to_sync = True
+                else:
+                    name = self.ctx.statements.name_for(msg.query, tuple(msg.param_types))
+                    self.statements[msg.name] = name
+                    if srv.statements.has(name):
+                        acts.append(Action(A_SYNTH, data=M.parse_complete(), client_name=msg.name))
+                    else:
+                        self._prepare_on(srv, name, out, swallow=False, client_name=msg.name)
+                srv.unsynced = True
+            elif t == P.F_BIND:
+                portal, pos = read_name(body, 0)
+                stmt, _ = read_name(body, pos)
+                name = self.statements.get(stmt) if stmt else None
+                if name is None:
+                    out.append(raw)
+                else:
+                    self._ensure_prepared(srv, name, out)
+                    out.append(rename_bind(body, name))
+                acts.append(Action(A_BIND))
+                srv.unsynced = True
+            elif t == P.F_DESCRIBE:
+                kind, stmt = M.read_describe_or_close(body)
+                name = self.statements.get(stmt) if kind == "S" and stmt else None
+                if name is None:
+                    out.append(raw)
+                else:
+                    self._ensure_prepared(srv, name, out)
+                    out.append(M.describe("S", name))
+                acts.append(Action(A_DESCRIBE_S if kind == "S" else A_DESCRIBE_P))
+                srv.unsynced = True
+            else:  # Close
+                kind, stmt = M.read_describe_or_close(body)
+                if kind == "S" and stmt:
+                    # Only this client's name goes; the server keeps the statement for others.
+                    self.statements.pop(stmt, None)
+                    acts.append(Action(A_SYNTH, data=M.close_complete()))
+                else:
+                    out.append(raw)
+                    acts.append(Action(A_CLOSE))
+                srv.unsynced = True
+        except ValueError as exc:
+            raise E.ProtocolViolation(f"malformed {chr(t)!r} message: {exc}") from None
+
+    def _tracked_query(self, srv: ServerConn, body: bytes, raw: bytes, out: list) -> None:
+        acts = srv.actions
+        sql = M.read_query(body)
+        m = _DEALLOCATE.match(sql)
+        srv.unsynced = False
+        if m and m.group(1).upper() != "ALL":
+            # DEALLOCATE of one of the client's statements: only the client's name goes.
+            name = m.group(1).strip('"')
+            if name in self.statements:
+                del self.statements[name]
+                acts.append(Action(A_SYNTH, data=M.command_complete("DEALLOCATE")))
+                out.append(M.sync())  # yields the ReadyForQuery with the real status
+                acts.append(Action(A_SYNC))
+                srv.expect.append(P.F_SYNC)
+                return
+        elif m or _DISCARD_ALL.match(sql):
+            # The server drops every prepared statement, ours included.
+            self.statements.clear()
+            srv.statements.clear()
+        out.append(raw)
+        acts.append(Action(A_QUERY))
+        srv.expect.append(P.F_QUERY)
+
+    def _ensure_prepared(self, srv: ServerConn, name: str, out: list) -> None:
+        if not srv.statements.has(name):
+            self._prepare_on(srv, name, out, swallow=True)
+
+    def _prepare_on(self, srv: ServerConn, name: str, out: list, *, swallow: bool,
+                    client_name: str = "") -> None:
+        for old in srv.statements.evict(self.ctx.prepared_limit):
+            out.append(M.close("S", old))
+            srv.actions.append(Action(A_CLOSE, swallow=True))
+        out.append(self.ctx.statements.parse_message(name))
+        srv.statements.add(name)
+        srv.actions.append(Action(A_PARSE, swallow=swallow, stmt=name, client_name=client_name))
+
+    def _match_reply(self, srv: ServerConn, t: int) -> tuple[bool, bytes]:
+        """Match one server message against the action queue: (forward it?, bytes to emit after)."""
+        acts = srv.actions
+        if t in _ASYNC_REPLIES or not acts:
+            return True, b""
+        head = acts[0]
+        k = head.kind
+        if t == P.B_ERROR_RESPONSE:
+            if k in (A_QUERY, A_FUNCTION, A_SYNC):
+                return True, b""
+            # This message failed; Postgres skips every message up to the next Sync.
+            acts.popleft()
+            self._undo(srv, head)
+            while acts and acts[0].kind not in (A_SYNC, A_QUERY, A_FUNCTION):
+                self._undo(srv, acts.popleft())
+            return True, b""
+        if t == P.B_READY_FOR_QUERY:
+            if k in (A_SYNC, A_QUERY, A_FUNCTION):
+                acts.popleft()
+            return True, take_synth(acts)
+        done = ((k == A_PARSE and t == P.B_PARSE_COMPLETE) or (k == A_BIND and t == P.B_BIND_COMPLETE)
+                or (k == A_CLOSE and t == P.B_CLOSE_COMPLETE)
+                or (k in (A_DESCRIBE_S, A_DESCRIBE_P) and t in (P.B_ROW_DESCRIPTION, P.B_NO_DATA))
+                or (k == A_EXECUTE and t in _EXECUTE_END))
+        if done:
+            acts.popleft()
+            if k == A_PARSE:
+                self.ctx.statements.validated(head.stmt)
+            return not head.swallow, take_synth(acts)
+        return True, b""  # rows, ParameterDescription, COPY data...: part of the head's replies
+
+    def _undo(self, srv: ServerConn, action: Action) -> None:
+        """A Parse that failed or was skipped: its statement does not exist."""
+        if action.kind == A_PARSE:
+            srv.statements.discard(action.stmt)
+        if action.client_name:
+            self.statements.pop(action.client_name, None)
 
     def _opens_transaction(self) -> bool:
         """Statement mode: does a complete Query or Parse in the buffer open a transaction?"""
@@ -454,6 +748,8 @@ class ClientSession:
             take = min(srv.skip, end - p)
             p += take
             srv.skip -= take
+        if srv.actions:
+            return await self._forward_tracked(srv, p)
         while end - p >= 5:
             t, length = _unpack_hdr(buf, p)
             if length < 4:
@@ -500,6 +796,55 @@ class ClientSession:
                         "transaction blocks are not allowed in statement pooling mode",
                         hint="use pooler_mode transaction or session for this user or database",
                         fatal=True)
+
+    async def _forward_tracked(self, srv: ServerConn, p: int) -> None:
+        """_forward_server for a tracked client: replies matched against srv.actions."""
+        conn = srv.conn
+        buf, end = conn.rbuf, conn.rend
+        out: list[bytes] = []
+        seg = conn.rstart  # start of the bytes to forward as they are
+        while end - p >= 5:
+            t, length = _unpack_hdr(buf, p)
+            if length < 4:
+                srv.broken = True
+                raise E.PgError(E.PROTOCOL_VIOLATION, "server sent an invalid message length", fatal=True)
+            stop = p + 1 + length
+            if stop > end:
+                if t in _NEEDS_BODY or t in _TRACKED_WHOLE:
+                    if 1 + length > len(buf):
+                        if seg < p:
+                            out.append(bytes(buf[seg:p]))
+                        conn.rstart = seg = p
+                        conn._compact()
+                        conn._grow(1 + length)
+                        buf, p, end = conn.rbuf, 0, conn.rend
+                        seg = 0
+                    break
+                # A long row or COPY chunk: pass what we have, skip the rest later.
+                forward, synth = self._match_reply(srv, t)
+                srv.skip = stop - end
+                p = end
+                break
+            if t in _NEEDS_BODY:
+                self._on_server_message(srv, t, buf, p + 5, stop)
+            forward, synth = self._match_reply(srv, t)
+            if not forward:
+                if seg < p:
+                    out.append(bytes(buf[seg:p]))
+                seg = stop
+            if synth:
+                if seg < stop:
+                    out.append(bytes(buf[seg:stop]))
+                out.append(synth)
+                seg = stop
+            p = stop
+        if seg < p:
+            out.append(bytes(buf[seg:p]))
+        conn.rstart = p
+        if out:
+            data = b"".join(out)
+            srv.pool.sent += len(data)
+            await net.send_all(self.sock, data)
 
     def _on_server_message(self, srv: ServerConn, t: int, buf, b0: int, b1: int) -> None:
         if t == P.B_READY_FOR_QUERY:
@@ -705,6 +1050,7 @@ class ClientSession:
             elif t in (P.B_COPY_IN_RESPONSE, P.B_COPY_BOTH_RESPONSE):
                 srv.start_copy_in()
         conn.tx_status = srv.tx
+        srv.actions.clear()
 
     # ================================================================ cancel
     async def cancel_server_query(self) -> None:

@@ -13,6 +13,7 @@ from pgherd.shared.wire import errors as E
 from pgherd.shared.wire import protocol as P
 
 from .pool import Pool, PoolSettings
+from .prepared import StatementCache
 
 log = logging.getLogger("pgherd.worker")
 
@@ -53,6 +54,7 @@ class WorkerContext:
         self.maintenance: set[str] = set()
         self._gate_changed = trio.Event()
         self.started = trio.current_time()
+        self.statements = StatementCache()
         self.apply_config(config)
 
     # ------------------------------------------------------------ configuration
@@ -63,6 +65,12 @@ class WorkerContext:
         self.client_login_timeout = g.client_login_timeout / 1000
         self.max_message_size = min(g.max_message_size, P.MAX_MESSAGE_SIZE_LIMIT)
         self.shutdown_timeout = g.shutdown_timeout / 1000
+        # Protocol-level prepared statements are renamed and re-prepared per server
+        # in transaction/statement mode (worker/prepared.py); "full" also covers SQL
+        # PREPARE/EXECUTE, which is not done yet and behaves like "extended".
+        self.rewrite_prepared = g.prepared_statements != "disabled"
+        limit = g.prepared_statements_limit
+        self.prepared_limit = 0 if limit >= 2**62 else int(limit)
         old, self.pools = self.pools, {}
         for user in config.users:
             if user.database:

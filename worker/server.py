@@ -9,6 +9,8 @@ import trio
 from pgherd.shared.pgconn import PgConn
 from pgherd.shared.wire import protocol as P
 
+from .prepared import ServerStatements
+
 
 # Marker in ServerConn.expect: the client's CopyDone/CopyFail, forwarded before
 # the server's CopyInResponse arrived (the client pipelined its COPY data).
@@ -31,7 +33,7 @@ class ServerConn:
 
     __slots__ = ("conn", "sock", "pool", "created", "last_used", "expect", "unsynced",
                  "copy_in", "tx", "set_params", "broken", "skip", "id", "client", "generation",
-                 "req_start", "xact_start")
+                 "req_start", "xact_start", "actions", "statements")
 
     _next_id = 0
 
@@ -50,6 +52,9 @@ class ServerConn:
         # Relay: bytes of a passed-through message body still to arrive.
         self.skip = 0
         self.generation = 0
+        # Prepared statements (worker/prepared.py): reply matching and what it holds.
+        self.actions: deque = deque()
+        self.statements = ServerStatements()
         # Timing of the request / transaction in progress (trio clock), for stats.
         self.req_start = 0.0
         self.xact_start = 0.0
@@ -109,7 +114,7 @@ class ServerConn:
     @property
     def idle(self) -> bool:
         """True when the server owes no client anything and is outside a transaction."""
-        return (not self.owes_reply() and not self.unsynced and not self.copy_in
+        return (not self.owes_reply() and not self.unsynced and not self.actions and not self.copy_in
                 and self.tx == P.TX_IDLE and not self.broken and self.skip == 0
                 and self.conn.rstart == self.conn.rend)
 
