@@ -19,6 +19,8 @@ ACTED_ON: frozenset[str] = frozenset(
         "general.connect_attempt_delay",
         "general.rollback_timeout",
         "general.log_level",
+        "general.prepared_statements",
+        "general.prepared_statements_limit",
         "general.openmetrics_port",
         "general.openmetrics_host",
         "general.openmetrics_namespace",
