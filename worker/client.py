@@ -505,6 +505,10 @@ class ClientSession:
         buf, end, p = self.buf, self.end, 0
         out: list[bytes] = []
         acts = srv.actions
+        if not self.skip:
+            for old in srv.statements.stale(self.ctx.statements):
+                out.append(M.close("S", old))
+                acts.append(Action(A_CLOSE, swallow=True))
         if self.skip:
             take = min(self.skip, end)
             out.append(bytes(buf[:take]))
@@ -585,17 +589,17 @@ class ClientSession:
             elif t == P.F_BIND:
                 portal, pos = read_name(body, 0)
                 stmt, _ = read_name(body, pos)
-                name = self.statements.get(stmt) if stmt else None
+                name = self._global(stmt) if stmt else None
                 if name is None:
                     out.append(raw)
                 else:
                     self._ensure_prepared(srv, name, out)
                     out.append(rename_bind(body, name))
-                acts.append(Action(A_BIND))
+                acts.append(Action(A_BIND, stmt=name or ""))
                 srv.unsynced = True
             elif t == P.F_DESCRIBE:
                 kind, stmt = M.read_describe_or_close(body)
-                name = self.statements.get(stmt) if kind == "S" and stmt else None
+                name = self._global(stmt) if kind == "S" and stmt else None
                 if name is None:
                     out.append(raw)
                 else:
@@ -639,6 +643,13 @@ class ClientSession:
         acts.append(Action(A_QUERY))
         srv.expect.append(P.F_QUERY)
 
+    def _global(self, client_name: str) -> str | None:
+        """The live global name for one of the client's statements (None if unknown)."""
+        name = self.statements.get(client_name)
+        if name is not None and name in self.ctx.statements.retired:
+            name = self.statements[client_name] = self.ctx.statements.current(name)
+        return name
+
     def _ensure_prepared(self, srv: ServerConn, name: str, out: list) -> None:
         if not srv.statements.has(name):
             self._prepare_on(srv, name, out, swallow=True)
@@ -652,7 +663,12 @@ class ClientSession:
         srv.statements.add(name)
         srv.actions.append(Action(A_PARSE, swallow=swallow, stmt=name, client_name=client_name))
 
-    def _match_reply(self, srv: ServerConn, t: int) -> tuple[bool, bytes]:
+    @staticmethod
+    def _stale_plan(body) -> bool:
+        fields = M.read_error_fields(body)
+        return fields.get("C") == E.FEATURE_NOT_SUPPORTED and "cached plan" in fields.get("M", "")
+
+    def _match_reply(self, srv: ServerConn, t: int, body=b"") -> tuple[bool, bytes]:
         """Match one server message against the action queue: (forward it?, bytes to emit after)."""
         acts = srv.actions
         if t in _ASYNC_REPLIES or not acts:
@@ -665,11 +681,20 @@ class ClientSession:
             # This message failed; Postgres skips every message up to the next Sync.
             acts.popleft()
             self._undo(srv, head)
+            if head.kind == A_BIND and head.stmt and self._stale_plan(body):
+                # After DDL: the next Parse of this text gets a fresh statement.
+                self.ctx.statements.retire(head.stmt)
             while acts and acts[0].kind not in (A_SYNC, A_QUERY, A_FUNCTION):
                 self._undo(srv, acts.popleft())
+            if not acts:
+                # The client's Sync has not been sent yet: what it sends until then
+                # is skipped by Postgres, so pgherd must not act on it either.
+                self.skip_to_sync = True
             return True, b""
         if t == P.B_READY_FOR_QUERY:
-            if k in (A_SYNC, A_QUERY, A_FUNCTION):
+            while acts and acts[0].kind not in (A_SYNC, A_QUERY, A_FUNCTION):
+                self._undo(srv, acts.popleft())  # messages Postgres skipped after an error
+            if acts:
                 acts.popleft()
             return True, take_synth(acts)
         done = ((k == A_PARSE and t == P.B_PARSE_COMPLETE) or (k == A_BIND and t == P.B_BIND_COMPLETE)
@@ -827,7 +852,8 @@ class ClientSession:
                 break
             if t in _NEEDS_BODY:
                 self._on_server_message(srv, t, buf, p + 5, stop)
-            forward, synth = self._match_reply(srv, t)
+            forward, synth = self._match_reply(
+                srv, t, bytes(buf[p + 5:stop]) if t == P.B_ERROR_RESPONSE else b"")
             if not forward:
                 if seg < p:
                     out.append(bytes(buf[seg:p]))

@@ -72,6 +72,10 @@ class StatementCache:
         # Names some server prepared successfully: a Parse of them cannot fail for
         # a syntax or catalog reason pgherd would have to report.
         self._validated: set[str] = set()
+        # Names whose plans went stale after DDL ("cached plan must not change
+        # result type"): clients move to a fresh name; servers drop the old one.
+        self.retired: dict[str, str] = {}  # old name -> key's current name
+        self.generation = 0  # bumped at each retirement
 
     def name_for(self, query: str, types: tuple[int, ...]) -> str:
         key = (query, types)
@@ -81,6 +85,22 @@ class StatementCache:
             name = f"pgherd_{self._counter}"
             self._by_key[key] = name
             self._parse[name] = M.parse(name, query, list(types))
+        return name
+
+    def retire(self, name: str) -> None:
+        """Replace a statement whose plan is stale with a fresh global name."""
+        for key, current in self._by_key.items():
+            if current == name:
+                del self._by_key[key]
+                fresh = self.name_for(*key)
+                self.retired[name] = fresh
+                self.generation += 1
+                return
+
+    def current(self, name: str) -> str:
+        """The live name for a possibly retired one."""
+        while name in self.retired:
+            name = self.retired[name]
         return name
 
     def validated(self, name: str) -> None:
@@ -116,10 +136,11 @@ def rename_bind(body: bytes, statement: str) -> bytes:
 class ServerStatements:
     """Which global statements a server holds, least recently used first."""
 
-    __slots__ = ("names",)
+    __slots__ = ("names", "generation")
 
     def __init__(self) -> None:
         self.names: OrderedDict[str, None] = OrderedDict()
+        self.generation = 0  # the StatementCache generation last reconciled with
 
     def has(self, name: str) -> bool:
         if name in self.names:
@@ -144,3 +165,13 @@ class ServerStatements:
 
     def clear(self) -> None:
         self.names.clear()
+
+    def stale(self, cache: "StatementCache") -> list[str]:
+        """Retired names this server still holds (checked once per retirement)."""
+        if self.generation == cache.generation:
+            return []
+        self.generation = cache.generation
+        out = [n for n in self.names if n in cache.retired]
+        for n in out:
+            del self.names[n]
+        return out
