@@ -61,8 +61,8 @@ def show_clients(snaps):
         for c in snap["clients"]:
             rows.append(["C", c["user"], c["database"], c["state"], c["addr"], c["port"], _ts(c["connect_time"]),
                          _ts(c["connect_time"]), 0, 0, 0, f"{c['pid']:x}",
-                         "" if c["server_pid"] is None else str(c["server_pid"]), 0, "", c["application_name"],
-                         c["worker"], c["pid"]])
+                         "" if c["server_pid"] is None else f"{c['server_pid']:x}",
+                         c["server_pid"] or 0, "", c["application_name"], c["worker"], c["pid"]])
     return cols, rows
 
 

@@ -42,7 +42,8 @@ def snapshot(ctx) -> dict:
             "pool_mode": pool.settings.pooler_mode, "pool_size": pool.settings.pool_size,
             "configured_size": pool.configured_size,
             "cl_active": sum(1 for s in states if s != "waiting"),
-            "cl_waiting": len(pool.waiters),
+            # Waiting for a server: in the pool's queue or held by PAUSE/MAINTENANCE.
+            "cl_waiting": sum(1 for s in states if s == "waiting"),
             "sv_active": pool.active, "sv_idle": len(pool.idle), "sv_used": 0,
             "sv_login": pool.opening, "maxwait": pool.maxwait(),
             "paused": ctx.gated(pool.database), "banned": False, "errors": pool.errors,
