@@ -44,7 +44,8 @@ def show_pools(snaps):
         mw = p["maxwait"]
         rows.append([p["database"], p["user"], p["cl_active"], p["cl_waiting"], 0, 0, p["sv_active"], 0, 0,
                      p["sv_idle"], p["sv_used"], 0, p["sv_login"], int(mw), int((mw - int(mw)) * 1_000_000),
-                     p["pool_mode"], p["host"], p["port"], p["shard"], p["role"], p["banned"], p["paused"],
+                     p["pool_mode"], p["host"], p["port"], p["shard"], p["role"], int(p["banned"]),
+                     int(p["paused"]),
                      p["pool_size"], p["errors"]])
     return cols, rows
 

@@ -184,6 +184,7 @@ class Supervisor:
             return await self._gate_command(req, cmd, arg)
         if cmd == "RECONNECT":
             self.pub.send(B.Reconnect())
+            await self.collect()  # applied by every worker before we answer
             return B.AdminReply(req=req, tag="RECONNECT")
         if cmd == "SHUTDOWN":
             self.request_stop("SHUTDOWN from the admin console")
@@ -202,6 +203,10 @@ class Supervisor:
         else:
             gate.discard(target)
         self.pub.send(B.State(paused=sorted(self.paused), maintenance=sorted(self.maintenance)))
+        # Broadcasts (PUB) and replies (ROUTER) are not ordered with each other; a
+        # Collect goes out on PUB after the State, so once every worker has answered
+        # it, every worker has applied the State and the command may return.
+        await self.collect()
         notice = None
         if cmd == "PAUSE":
             # PgBouncer's PAUSE returns once no server is in use for the database.
@@ -258,6 +263,7 @@ class Supervisor:
         self.pub.send(B.ConfigUpdate(config=self.config_data(), workers=self.workers_n))
         # Pause and maintenance state survive a reload: re-send it with the new config.
         self.pub.send(B.State(paused=sorted(self.paused), maintenance=sorted(self.maintenance)))
+        await self.collect()  # every worker has applied the new config before RELOAD returns
         for key in new.unsupported_keys():
             log.warning("config key %s is accepted but not supported yet; it has no effect", key)
         log.info("configuration reloaded")
