@@ -13,10 +13,12 @@ import re
 import secrets
 import socket
 import struct
+from collections import deque
 from types import SimpleNamespace
 
 import trio
 
+from pgherd.router.settings import HINT, analyze
 from pgherd.router.txstart import starts_transaction
 from pgherd.shared import net
 from pgherd.shared.pgconn import ServerError, send_cancel
@@ -31,7 +33,7 @@ from .context import admin_login_error
 from .pool import Pool, sync_params
 from .prepared import (A_BIND, A_CLOSE, A_DESCRIBE_P, A_DESCRIBE_S, A_EXECUTE, A_FUNCTION, A_PARSE,
                        A_QUERY, A_SYNC, A_SYNTH, Action, read_name, rename_bind, take_synth)
-from .server import COPY_END, ServerConn
+from .server import COPY_END, SETTLES, ServerConn
 
 log = logging.getLogger("pgherd.client")
 
@@ -145,6 +147,18 @@ class ClientSession:
         self.statements: dict[str, str] = {}
         self.tracked = False
         self.skip_to_sync = False
+        # Session state (router/settings.py): changes waiting for their ReadyForQuery,
+        # the values before an open transaction changed them, and what pins the server.
+        self.startup: dict[str, str] = {}
+        self.change_queue: deque = deque()
+        self.tx_backup: tuple[dict, dict] | None = None
+        self.reply_error = False  # an ErrorResponse in the current reply (while watching)
+        self.last_tag = ""
+        self.needs_sync = False
+        self.pinned_role = False
+        self.pinned_untracked = False
+        self.locks = 0
+        self.pending_parse_changes: tuple = ()
 
     # ================================================================ I/O helpers
     async def send(self, data: bytes) -> None:
@@ -285,6 +299,7 @@ class ClientSession:
         if params.get("options"):
             settings.update(parse_options(params["options"]))
         self.settings = settings
+        self.startup = dict(settings)
 
         if self.database == self.ctx.config.admin.name:
             await self._admin_login(user)
@@ -346,6 +361,8 @@ class ClientSession:
                     raise ClientGone()
                 if self.ctx.rewrite_prepared and self.mode != "session" and await self._answer_locally():
                     continue
+                if self.mode != "session" and await self._answer_set_locally():
+                    continue
                 try:
                     attached = await self._attach()
                 except _Answered:
@@ -366,6 +383,12 @@ class ClientSession:
                 srv.req_start = now = trio.current_time()
                 if srv.tx == P.TX_IDLE:
                     srv.xact_start = now
+            if self.needs_sync and srv.tx == P.TX_IDLE and not srv.owes_reply():
+                self.needs_sync = False
+                try:
+                    await sync_params(srv, self.settings)
+                except (ServerError, net.PeerClosed, OSError) as exc:
+                    log.info("client %s: cannot re-apply settings: %s", self.addr, exc)
             if self.tracked:
                 out, fwd, terminate = self._scan_tracked(srv)
             else:
@@ -411,12 +434,18 @@ class ClientSession:
             if t == P.F_TERMINATE:
                 return p, True
             if t in _RFQ_TYPES:
+                if t == P.F_QUERY and end >= p + 1 + length:
+                    t = self._note_changes(t, buf[p + 5:p + length], False)
+                elif t == P.F_SYNC and self.pending_parse_changes:
+                    t = self._settle_parse_changes(t)
                 srv.expect.append(t)
                 # A Query or FunctionCall ends the implicit transaction of earlier
                 # extended messages just as Sync does (postgres.c, finish_xact_command).
                 srv.unsynced = False
             elif t in _EXTENDED_TYPES:
                 srv.unsynced = True
+                if t == P.F_PARSE and end >= p + 1 + length:
+                    self._note_parse(buf[p + 5:p + 1 + length])
             elif t == P.F_COPY_DONE or t == P.F_COPY_FAIL:
                 if srv.copy_in:
                     srv.copy_in = False
@@ -542,7 +571,7 @@ class ClientSession:
                 srv.unsynced = True
             elif t == P.F_SYNC:
                 acts.append(Action(A_SYNC))
-                srv.expect.append(t)
+                srv.expect.append(self._settle_parse_changes(t) if self.pending_parse_changes else t)
                 srv.unsynced = False
                 self.skip_to_sync = False
             elif t == P.F_FUNCTION_CALL:
@@ -570,6 +599,7 @@ class ClientSession:
                 self._tracked_query(srv, body, raw, out)
             elif t == P.F_PARSE:
                 msg = M.read_parse(body)
+                self._note_parse(body)
                 if not msg.name:
                     out.append(raw)
                     acts.append(Action(A_PARSE))
@@ -641,7 +671,7 @@ class ClientSession:
             srv.statements.clear()
         out.append(raw)
         acts.append(Action(A_QUERY))
-        srv.expect.append(P.F_QUERY)
+        srv.expect.append(self._note_changes(P.F_QUERY, body[:-1], False))
 
     def _global(self, client_name: str) -> str | None:
         """The live global name for one of the client's statements (None if unknown)."""
@@ -736,6 +766,136 @@ class ClientSession:
             p = stop
         return False
 
+    # ---------------------------------------------------------------- session state
+    def _note_changes(self, t: int, sql_bytes, extended: bool) -> int:
+        """If a Query changes session state, queue the changes for its ReadyForQuery."""
+        if not HINT.search(sql_bytes):
+            return t
+        changes, _ = analyze(bytes(sql_bytes).decode("utf-8", "replace"))
+        if not changes:
+            return t
+        if not self.change_queue and self.tx_backup is None:
+            self.reply_error = False
+        self.change_queue.append(changes)
+        return t | SETTLES
+
+    def _note_parse(self, body) -> None:
+        """A Parse of a statement that changes session state settles at the next Sync."""
+        end = bytes(body[:200]).find(b"\0")
+        rest = bytes(body[end + 1:]) if end >= 0 else b""
+        q_end = rest.find(b"\0")
+        if q_end > 0 and HINT.search(rest[:q_end]):
+            changes, _ = analyze(rest[:q_end].decode("utf-8", "replace"))
+            if changes:
+                self.pending_parse_changes += changes
+
+    def _settle_parse_changes(self, t: int) -> int:
+        if not self.change_queue and self.tx_backup is None:
+            self.reply_error = False
+        self.change_queue.append(self.pending_parse_changes)
+        self.pending_parse_changes = ()
+        return t | SETTLES
+
+    def _settle(self, srv: ServerConn, changes: tuple, before: int) -> None:
+        """A request that changed session state finished: apply it as Postgres did.
+
+        Outside a transaction the changes stand unless the request failed or rolled
+        back; inside one they stand tentatively until COMMIT, and ROLLBACK (or a
+        failed transaction) undoes them ("SET": effects of SET inside a transaction
+        block are undone by ROLLBACK).
+        """
+        error, self.reply_error = self.reply_error, False
+        if srv.tx == P.TX_IDLE:
+            if self.tx_backup is not None or before != P.TX_IDLE:
+                self._end_transaction(srv, before, changes)
+            elif not error and not self.last_tag.startswith("ROLLBACK"):
+                self._apply(srv, changes)
+            return
+        if self.tx_backup is None:
+            self.tx_backup = (dict(self.settings), dict(srv.set_params))
+        if srv.tx != P.TX_FAILED:
+            self._apply(srv, changes)
+
+    def _end_transaction(self, srv: ServerConn, before: int, changes: tuple = ()) -> None:
+        committed = before != P.TX_FAILED and not self.last_tag.startswith("ROLLBACK")
+        if committed:
+            self._apply(srv, changes)
+        elif self.tx_backup is not None:
+            settings, server = self.tx_backup
+            self.settings, srv.set_params = dict(settings), dict(server)
+        self.tx_backup = None
+        self.reply_error = False
+
+    def _apply(self, srv: ServerConn, changes: tuple) -> None:
+        for c in changes:
+            kind = c.kind
+            if c.local and kind in ("set", "reset", "pin", "unpin"):
+                continue  # SET LOCAL ends with the transaction on the server by itself
+            if kind == "set":
+                self.settings[c.name] = c.value
+                srv.set_params[c.name] = c.value
+                self.pool.validated_settings.add((c.name, c.value))
+            elif kind == "reset":
+                srv.set_params.pop(c.name, None)  # the server is back at its own default
+                if c.name in self.startup:
+                    self.settings[c.name] = self.startup[c.name]
+                    self.needs_sync = True
+                else:
+                    self.settings.pop(c.name, None)
+            elif kind in ("reset_all", "discard_all"):
+                self.settings = dict(self.startup)
+                srv.set_params = {}
+                self.needs_sync = bool(self.startup)
+                self.pinned_role = self.pinned_untracked = False
+                if kind == "discard_all":
+                    self.locks = 0
+                    srv.statements.clear()
+            elif kind == "pin":
+                self.pinned_role = True
+            elif kind == "unpin":
+                self.pinned_role = False
+            elif kind == "lock":
+                self.locks += 1
+            elif kind == "unlock":
+                self.locks = max(0, self.locks - 1)
+            elif kind == "unlock_all":
+                self.locks = 0
+            else:  # a change pgherd cannot follow: keep the server with this client
+                self.pinned_untracked = True
+
+    @property
+    def pinned(self) -> bool:
+        """SET ROLE / SESSION AUTHORIZATION, session advisory locks or untracked state."""
+        return self.pinned_role or self.locks > 0 or self.pinned_untracked
+
+    async def _answer_set_locally(self) -> bool:
+        """A lone SET of values already seen to work, from a client without a server."""
+        buf, end = self.buf, self.end
+        if end < 5 or self.skip:
+            return False
+        t, length = _unpack_hdr(buf, 0)
+        if t != P.F_QUERY or length + 1 != end or not HINT.search(buf[5:end - 1]):
+            return False
+        changes, only_set = analyze(bytes(buf[5:end - 1]).decode("utf-8", "replace"))
+        valid = self.pool.validated_settings
+        if not only_set or not changes or any(
+                c.local or c.kind not in ("set", "reset") or (c.kind == "set" and (c.name, c.value) not in valid)
+                for c in changes):
+            return False
+        out = []
+        for c in changes:
+            if c.kind == "set":
+                self.settings[c.name] = c.value
+            elif c.name in self.startup:
+                self.settings[c.name] = self.startup[c.name]
+            else:
+                self.settings.pop(c.name, None)
+            out.append(M.command_complete("SET" if c.kind == "set" else "RESET"))
+        out.append(M.ready_for_query(P.TX_IDLE))
+        self.end = 0
+        await self.send(b"".join(out))
+        return True
+
     async def _pump(self, srv: ServerConn) -> None:
         """Relay server replies until every expected ReadyForQuery arrived or COPY IN starts."""
         while srv.owes_reply():
@@ -781,6 +941,11 @@ class ClientSession:
                 srv.broken = True
                 raise E.PgError(E.PROTOCOL_VIOLATION, "server sent an invalid message length", fatal=True)
             stop = p + 1 + length
+            if (self.change_queue or self.tx_backup is not None) and stop <= end:
+                if t == P.B_ERROR_RESPONSE:
+                    self.reply_error = True
+                elif t == P.B_COMMAND_COMPLETE:
+                    self.last_tag = bytes(buf[p + 5:stop - 1]).decode("ascii", "replace")
             if t == P.B_READY_FOR_QUERY and self.mode == "statement" and stop <= end \
                     and buf[p + 5] != P.TX_IDLE:
                 await self._refuse_transaction(srv, p, stop)
@@ -850,6 +1015,10 @@ class ClientSession:
                 srv.skip = stop - end
                 p = end
                 break
+            if (self.change_queue or self.tx_backup is not None) and t == P.B_COMMAND_COMPLETE:
+                self.last_tag = bytes(buf[p + 5:stop - 1]).decode("ascii", "replace")
+            elif t == P.B_ERROR_RESPONSE:
+                self.reply_error = True
             if t in _NEEDS_BODY:
                 self._on_server_message(srv, t, buf, p + 5, stop)
             forward, synth = self._match_reply(
@@ -874,9 +1043,15 @@ class ClientSession:
 
     def _on_server_message(self, srv: ServerConn, t: int, buf, b0: int, b1: int) -> None:
         if t == P.B_READY_FOR_QUERY:
+            before = srv.tx
             srv.tx = buf[b0]
-            if not srv.ready_for_query():
+            answered = srv.ready_for_query()
+            if answered is None:
                 srv.broken = True  # a ReadyForQuery nobody asked for: out of sync
+            elif answered & SETTLES:
+                self._settle(srv, self.change_queue.popleft(), before)
+            elif self.tx_backup is not None and srv.tx == P.TX_IDLE:
+                self._end_transaction(srv, before)
             pool = srv.pool
             now = trio.current_time()
             pool.query_count += 1
@@ -1005,7 +1180,7 @@ class ClientSession:
             self.server = None
             self.pool.checkin(srv)
             return
-        if srv.owes_reply() or srv.unsynced or srv.copy_in or srv.skip:
+        if srv.owes_reply() or srv.unsynced or srv.copy_in or srv.skip or self.pinned:
             return
         if srv.tx == P.TX_IDLE:
             self.server = None
@@ -1026,7 +1201,7 @@ class ClientSession:
             srv.broken = True
             pool.checkin(srv)
             return
-        needs_reset = self.mode == "session" or srv.set_params
+        needs_reset = self.mode == "session" or srv.set_params or self.pinned
         if srv.idle and not needs_reset:
             pool.checkin(srv)
             return
@@ -1037,9 +1212,11 @@ class ClientSession:
                 if srv.tx != P.TX_IDLE:
                     await srv.conn.simple_query("ROLLBACK")
                     srv.tx = srv.conn.tx_status
-                if self.mode == "session":
+                if self.mode == "session" or self.pinned:
+                    # Role, advisory locks, prepared statements, settings: all gone.
                     await srv.conn.simple_query("DISCARD ALL")
                     srv.set_params = {}
+                    srv.statements.clear()
                 ok = srv.tx == P.TX_IDLE
             except (ServerError, net.PeerClosed, OSError, E.PgError) as exc:
                 log.info("server %r: cleanup after client %s failed: %s", srv, self.addr, exc)

@@ -15,9 +15,6 @@ from .server import ServerConn
 
 log = logging.getLogger("pgherd.pool")
 
-# Application name pgherd's own server connections log in with; a client's
-# application_name is SET on top of it while the client uses the server.
-SERVER_APPLICATION_NAME = "pgherd"
 
 
 @dataclass
@@ -69,6 +66,9 @@ class Pool:
         # (GUC name, client's value) -> the value Postgres reports for it, e.g.
         # ("datestyle", "SQL,DMY") -> "SQL, DMY"; learnt once per distinct value.
         self.canonical: dict[tuple[str, str], str] = {}
+        # (setting, value) pairs a server accepted: a later lone SET of them can be
+        # answered without a server.
+        self.validated_settings: set[tuple[str, str]] = set()
         self.closed = False
         self.errors = 0
         self.configured_size = settings.pool_size  # instance-wide size before the worker split
@@ -161,8 +161,7 @@ class Pool:
                 try:
                     conn = await PgConn.connect(
                         s.host, s.port, user=s.server_user, database=s.database_name,
-                        password=s.server_password, timeout=s.connect_timeout,
-                        params={"application_name": SERVER_APPLICATION_NAME})
+                        password=s.server_password, timeout=s.connect_timeout)
                 except ServerError as exc:
                     self.errors += 1
                     # Postgres refused us (auth, unknown database, too many clients):

@@ -15,6 +15,9 @@ from .prepared import ServerStatements
 # Marker in ServerConn.expect: the client's CopyDone/CopyFail, forwarded before
 # the server's CopyInResponse arrived (the client pipelined its COPY data).
 COPY_END = -1
+# Marker in ServerConn.expect: a Query/Sync whose ReadyForQuery settles session
+# changes (SET, RESET, ...) the client queued (worker/client.py).
+SETTLES = 0x100
 
 
 class ServerConn:
@@ -71,15 +74,14 @@ class ServerConn:
                 return True
         return False
 
-    def ready_for_query(self) -> bool:
-        """Account for one ReadyForQuery; False if none was expected."""
+    def ready_for_query(self) -> int | None:
+        """Account for one ReadyForQuery: the expectation it answers, None if none was expected."""
         expect = self.expect
         while expect and expect[0] == COPY_END:
             expect.popleft()  # a stray CopyDone outside COPY: Postgres ignores it
         if not expect:
-            return False
-        expect.popleft()
-        return True
+            return None
+        return expect.popleft()
 
     def start_copy_in(self) -> None:
         """The server sent CopyInResponse/CopyBothResponse ("COPY Operations").
@@ -91,7 +93,7 @@ class ServerConn:
         CopyDone (pipelined), the COPY is over as far as the client's bytes go.
         """
         items = list(self.expect)
-        keep_head = 1 if items and items[0] == P.F_QUERY else 0
+        keep_head = 1 if items and items[0] & 0xFF == P.F_QUERY else 0
         out = items[:keep_head]
         ended = False
         i = keep_head
@@ -101,13 +103,13 @@ class ServerConn:
             if x == COPY_END:
                 ended = True
                 break
-            if x != P.F_SYNC:
+            if x & 0xFF != P.F_SYNC:
                 out.append(x)
         out.extend(items[i:])
         self.expect.clear()
         self.expect.extend(out)
         self.copy_in = not ended
-        if not keep_head and not any(x == P.F_SYNC for x in out):
+        if not keep_head and not any(x & 0xFF == P.F_SYNC for x in out):
             # Extended-protocol COPY: Postgres needs a new Sync after CopyDone.
             self.unsynced = True
 
