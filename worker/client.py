@@ -344,6 +344,13 @@ class ClientSession:
     # ================================================================ relay
     async def _relay(self) -> None:
         while True:
+            try:
+                await self._relay_loop()
+            except _Answered:
+                continue  # the request was answered with an error; the client carries on
+
+    async def _relay_loop(self) -> None:
+        while True:
             srv = self.server
             if srv is not None and (srv.unsynced or self.mode == "session") and not srv.owes_reply():
                 # The server may speak without being asked (Flush-terminated
@@ -351,7 +358,10 @@ class ClientSession:
                 if await self._wait_either(srv) == "server":
                     await self._pump_once(srv)
                     continue
-            n = await net.recv_into(self.sock, self.view[self.end:])
+            if self.ctx.client_idle_timeout or self.ctx.client_idle_in_transaction_timeout:
+                n = await self._recv_with_idle_timeouts(srv)
+            else:
+                n = await net.recv_into(self.sock, self.view[self.end:])
             self.end += n
             self.pool.received += n
             if self.server is None:
@@ -896,12 +906,42 @@ class ClientSession:
         await self.send(b"".join(out))
         return True
 
+    async def _recv_with_idle_timeouts(self, srv: ServerConn | None) -> int:
+        """Read the client's next request, enforcing the client idle timeouts.
+
+        client_idle_in_transaction_timeout applies while the client holds a server
+        inside a transaction (the transaction is rolled back on the way out);
+        client_idle_timeout while it has no transaction open.
+        """
+        in_tx = srv is not None and srv.tx != P.TX_IDLE
+        limit = self.ctx.client_idle_in_transaction_timeout if in_tx else self.ctx.client_idle_timeout
+        if not limit:
+            return await net.recv_into(self.sock, self.view[self.end:])
+        with trio.move_on_after(limit):
+            return await net.recv_into(self.sock, self.view[self.end:])
+        if in_tx:
+            raise E.PgError("25P03", "terminating connection due to idle-in-transaction timeout "
+                            f"(client_idle_in_transaction_timeout {limit * 1000:.0f} ms)", fatal=True)
+        raise E.PgError("57P05", f"terminating connection due to idle-session timeout "
+                        f"(client_idle_timeout {limit * 1000:.0f} ms)", fatal=True)
+
     async def _pump(self, srv: ServerConn) -> None:
         """Relay server replies until every expected ReadyForQuery arrived or COPY IN starts."""
+        timeout = self.ctx.query_timeout
+        if timeout and srv.owes_reply():
+            # query_timeout counts only time spent waiting for the server, never
+            # time the client spends idle inside a transaction.
+            with trio.move_on_after(timeout) as scope:
+                while srv.owes_reply():
+                    await self._pump_once(srv, shield_send=True)
+            if scope.cancelled_caught:
+                log.info("client %s user=%s db=%s: query_timeout after %.0f ms: cancelling", self.addr,
+                         self.user, self.database, timeout * 1000)
+                await self.cancel_server_query()  # Postgres answers 57014
         while srv.owes_reply():
             await self._pump_once(srv)
 
-    async def _pump_once(self, srv: ServerConn) -> None:
+    async def _pump_once(self, srv: ServerConn, shield_send: bool = False) -> None:
         conn = srv.conn
         if conn.rstart == conn.rend:
             conn.rstart = conn.rend = 0
@@ -911,7 +951,12 @@ class ClientSession:
             conn.rend += await net.recv_into(srv.sock, memoryview(conn.rbuf)[conn.rend:])
         except net.PeerClosed:
             await self._server_lost(srv)
-        await self._forward_server(srv)
+        if shield_send:
+            # A timeout must never cut a message to the client in half.
+            with trio.CancelScope(shield=True):
+                await self._forward_server(srv)
+        else:
+            await self._forward_server(srv)
 
     async def _poll_server(self, srv: ServerConn) -> None:
         """During COPY IN, forward whatever the server already sent (e.g. an error), without waiting."""
@@ -1187,11 +1232,28 @@ class ClientSession:
             self.pool.checkin(srv)
 
     async def _server_lost(self, srv: ServerConn) -> None:
+        """The server went away mid-request.
+
+        client_connection_recovery "drop" (PgDog's default) disconnects the client;
+        otherwise, if no reply was left half-sent, the client gets the error in
+        place of each ReadyForQuery it waits for and keeps its connection.
+        """
         srv.broken = True
         self.server = None
+        owed = sum(1 for x in srv.expect if x != COPY_END)
+        clean = srv.skip == 0 and srv.conn.rstart == srv.conn.rend and self.skip == 0
         self.pool.checkin(srv)
-        raise E.PgError(E.CONNECTION_FAILURE, "server closed the connection unexpectedly",
-                        hint="the query may or may not have run; reconnect and retry", fatal=True)
+        self.tx_backup = None
+        self.change_queue.clear()
+        err = E.PgError(E.CONNECTION_FAILURE, "server closed the connection unexpectedly",
+                        hint="the query may or may not have run; retry it")
+        if self.ctx.client_connection_recovery == "drop" or not clean or owed == 0:
+            err.hint = "the query may or may not have run; reconnect and retry"
+            err.fatal = True
+            raise err
+        self.end = 0  # whatever else the client sent belonged to the lost session
+        await self.send(err.to_bytes() + M.ready_for_query(P.TX_IDLE) * owed)
+        raise _Answered()
 
     async def _release_dirty(self, srv: ServerConn) -> None:
         """The client left: bring the server back to idle (rollback) or close it."""
@@ -1203,6 +1265,13 @@ class ClientSession:
             return
         needs_reset = self.mode == "session" or srv.set_params or self.pinned
         if srv.idle and not needs_reset:
+            pool.checkin(srv)
+            return
+        recovery = self.ctx.connection_recovery
+        if recovery == "drop" or (recovery == "rollback_only" and (srv.owes_reply() or srv.copy_in)):
+            # PgDog's connection_recovery: "drop" never saves a dirty server;
+            # "rollback_only" saves it only if no query was left in flight.
+            srv.broken = True
             pool.checkin(srv)
             return
         ok = False

@@ -69,6 +69,12 @@ class WorkerContext:
         # in transaction/statement mode (worker/prepared.py); "full" also covers SQL
         # PREPARE/EXECUTE, which is not done yet and behaves like "extended".
         self.rewrite_prepared = g.prepared_statements != "disabled"
+        # Timeouts in seconds; None when disabled (PgDog's "disabled" is a huge value).
+        self.query_timeout = _seconds(g.query_timeout)
+        self.client_idle_timeout = _seconds(g.client_idle_timeout)
+        self.client_idle_in_transaction_timeout = _seconds(g.client_idle_in_transaction_timeout)
+        self.connection_recovery = g.connection_recovery
+        self.client_connection_recovery = g.client_connection_recovery
         limit = g.prepared_statements_limit
         self.prepared_limit = 0 if limit >= 2**62 else int(limit)
         old, self.pools = self.pools, {}
@@ -121,7 +127,9 @@ class WorkerContext:
             connect_attempts=g.connect_attempts, connect_attempt_delay=g.connect_attempt_delay / 1000,
             idle_timeout=config.idle_timeout(user, db) / 1000,
             server_lifetime=config.server_lifetime(user, db) / 1000,
-            rollback_timeout=g.rollback_timeout / 1000)
+            rollback_timeout=g.rollback_timeout / 1000,
+            healthcheck_interval=g.healthcheck_interval / 1000,
+            healthcheck_timeout=g.healthcheck_timeout / 1000)
         pool = Pool(user.name, database, settings, db.shard, db.role)
         pool.configured_size = config.pool_size(user, db)
         return pool
@@ -199,6 +207,11 @@ class WorkerContext:
     def close(self) -> None:
         for pool in self.pools.values():
             pool.close_all()
+
+
+def _seconds(ms: int) -> float | None:
+    """A millisecond timeout in seconds, or None for 0 / PgDog's "disabled" value."""
+    return None if not ms or ms >= 2**62 else ms / 1000
 
 
 def admin_login_error() -> E.PgError:

@@ -8,8 +8,10 @@ from dataclasses import dataclass
 
 import trio
 
+from pgherd.shared import net
 from pgherd.shared.pgconn import ConnectError, PgConn, ServerError, quote_ident, quote_literal
 from pgherd.shared.wire import errors as E
+from pgherd.shared.wire import protocol as P
 
 from .server import ServerConn
 
@@ -35,6 +37,8 @@ class PoolSettings:
     idle_timeout: float  # seconds; 0 = never
     server_lifetime: float  # seconds; 0 = never
     rollback_timeout: float  # seconds
+    healthcheck_interval: float = 30.0  # seconds idle after which a server is checked before use
+    healthcheck_timeout: float = 5.0  # seconds
 
 
 class _Waiter:
@@ -94,9 +98,18 @@ class Pool:
         """A server for a client: idle one, new one, or wait (FIFO) up to checkout_timeout."""
         while self.idle:
             srv = self.idle.pop()  # LIFO: the most recently used connection is warmest
-            if self._expired(srv):
+            if self._expired(srv) or not srv.looks_alive():
+                # Dead while idle (e.g. Postgres restarted and sent FATAL): a fresh
+                # connection replaces it and the client never sees the dead one.
                 self._discard(srv)
                 continue
+            if trio.current_time() - srv.last_used > self.settings.healthcheck_interval:
+                self.active += 1
+                if not await self._healthy(srv):
+                    self.active -= 1
+                    self._discard(srv)
+                    continue
+                return srv
             self.active += 1
             return srv
         if self.total < self.settings.pool_size and not self.waiters:
@@ -200,6 +213,17 @@ class Pool:
             waiter.event.set()
             return
         self.idle.append(srv)
+
+    async def _healthy(self, srv: ServerConn) -> bool:
+        """healthcheck_interval: run `;` on a server idle that long before handing it out."""
+        with trio.move_on_after(self.settings.healthcheck_timeout):
+            try:
+                await srv.conn.simple_query(";")
+                return srv.conn.tx_status == P.TX_IDLE
+            except (ServerError, OSError, net.PeerClosed, E.PgError):
+                return False
+        log.warning("pool %s: health check timed out; replacing the connection", self.name)
+        return False
 
     def _discard(self, srv: ServerConn) -> None:
         srv.close()

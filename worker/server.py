@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import socket
 from collections import deque
 
 import trio
@@ -119,6 +120,20 @@ class ServerConn:
         return (not self.owes_reply() and not self.unsynced and not self.actions and not self.copy_in
                 and self.tx == P.TX_IDLE and not self.broken and self.skip == 0
                 and self.conn.rstart == self.conn.rend)
+
+    def looks_alive(self) -> bool:
+        """An idle server has nothing to say: data or EOF waiting means it is gone.
+
+        One non-blocking MSG_PEEK recv (a Postgres shutting down sends FATAL 57P01
+        to idle backends before closing them).
+        """
+        try:
+            data = self.sock.recv(1, socket.MSG_PEEK | socket.MSG_DONTWAIT)
+        except BlockingIOError:
+            return True
+        except OSError:
+            return False
+        return False  # EOF, or bytes nobody asked for
 
     def close(self) -> None:
         self.broken = True

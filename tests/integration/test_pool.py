@@ -99,7 +99,7 @@ class Sampler:
 @pytest.mark.timeout(90)
 def test_fifty_clients_share_five_servers(sized, pg, helpers):
     with Sampler(pg, helpers, sized, "alice") as sampler:
-        errors = run_clients(sized, helpers, "alice", clients=50, transactions=4)
+        errors = run_clients(sized, helpers, "alice", clients=50, transactions=8)
     assert errors == [], errors[:3]
     assert sampler.samples > 10
     assert sampler.max_pg <= 5, f"{sampler.max_pg} alice backends for a pool of 5"
