@@ -28,6 +28,7 @@ ACTED_ON: frozenset[str] = frozenset(
         "general.healthcheck_timeout",
         "general.connection_recovery",
         "general.client_connection_recovery",
+        "general.pub_sub_channel_size",
         "general.openmetrics_port",
         "general.openmetrics_host",
         "general.openmetrics_namespace",

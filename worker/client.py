@@ -27,7 +27,7 @@ from pgherd.shared.wire import messages as M
 from pgherd.shared.wire import protocol as P
 from pgherd.shared.wire.framing import HEADER, STARTUP_HEADER, startup_length
 
-from . import auth
+from . import auth, pubsub
 from .admin import serve_admin
 from .context import admin_login_error
 from .pool import Pool, sync_params
@@ -61,6 +61,7 @@ _TRACKED_WHOLE = frozenset([P.B_ERROR_RESPONSE, P.B_PARSE_COMPLETE, P.B_BIND_COM
 _ASYNC_REPLIES = frozenset([P.B_NOTICE_RESPONSE, P.B_NOTIFICATION_RESPONSE, P.B_PARAMETER_STATUS])
 _EXECUTE_END = frozenset([P.B_COMMAND_COMPLETE, P.B_EMPTY_QUERY_RESPONSE, P.B_PORTAL_SUSPENDED])
 _DEALLOCATE = re.compile(r"^\s*deallocate\s+(?:prepare\s+)?(\"[^\"]+\"|[A-Za-z_][A-Za-z0-9_$]*)\s*;?\s*$", re.I)
+_LISTEN_HINT = re.compile(rb"listen", re.I)
 _DISCARD_ALL = re.compile(r"^\s*discard\s+all\s*;?\s*$", re.I)
 # Message types that end a request: the server will answer with ReadyForQuery.
 _RFQ_TYPES = frozenset([P.F_QUERY, P.F_SYNC, P.F_FUNCTION_CALL])
@@ -159,6 +160,11 @@ class ClientSession:
         self.pinned_untracked = False
         self.locks = 0
         self.pending_parse_changes: tuple = ()
+        # LISTEN in transaction mode (worker/pubsub.py): channels, queued notifications,
+        # and the scope of an idle wait a notification may interrupt.
+        self.channels: set[str] = set()
+        self.notify_queue: list[bytes] = []
+        self._idle_scope: trio.CancelScope | None = None
 
     # ================================================================ I/O helpers
     async def send(self, data: bytes) -> None:
@@ -242,6 +248,8 @@ class ClientSession:
         self.state = "closing"
         if self.pid:
             self.ctx.clients.pop(self.pid, None)
+        if self.channels and self.ctx.pubsub is not None and self.pool is not None:
+            self.ctx.pubsub.for_pool(self.pool).forget(self)
         srv, self.server = self.server, None
         if srv is not None:
             # Shielded: even a cancelled session (shutdown) must return its server.
@@ -351,6 +359,10 @@ class ClientSession:
 
     async def _relay_loop(self) -> None:
         while True:
+            if self.notify_queue:
+                # Between messages: deliver NotificationResponses waiting for this client.
+                queued, self.notify_queue = self.notify_queue, []
+                await self.send(b"".join(queued))
             srv = self.server
             if srv is not None and (srv.unsynced or self.mode == "session") and not srv.owes_reply():
                 # The server may speak without being asked (Flush-terminated
@@ -358,12 +370,19 @@ class ClientSession:
                 if await self._wait_either(srv) == "server":
                     await self._pump_once(srv)
                     continue
-            if self.ctx.client_idle_timeout or self.ctx.client_idle_in_transaction_timeout:
-                n = await self._recv_with_idle_timeouts(srv)
+            if self.channels:
+                n = 0
+                with trio.CancelScope() as self._idle_scope:  # a notification may wake us
+                    n = await self._recv_request(srv)
+                self._idle_scope = None
+                if not n:
+                    continue
             else:
-                n = await net.recv_into(self.sock, self.view[self.end:])
+                n = await self._recv_request(srv)
             self.end += n
             self.pool.received += n
+            if self.ctx.pubsub is not None and self.mode != "session" and await self._pubsub_statement():
+                continue
             if self.server is None:
                 if self.skip == 0 and self.end < 5:
                     continue  # not even one header yet
@@ -905,6 +924,55 @@ class ClientSession:
         self.end = 0
         await self.send(b"".join(out))
         return True
+
+    async def _recv_request(self, srv: ServerConn | None) -> int:
+        if self.ctx.client_idle_timeout or self.ctx.client_idle_in_transaction_timeout:
+            return await self._recv_with_idle_timeouts(srv)
+        return await net.recv_into(self.sock, self.view[self.end:])
+
+    def push_notification(self, message: bytes, limit: int) -> None:
+        """A NotificationResponse for this client (from its pool's listening connection)."""
+        if len(self.notify_queue) >= limit:
+            log.warning("client %s: %d notifications queued (pub_sub_channel_size); dropping the oldest",
+                        self.addr, limit)
+            del self.notify_queue[0]
+        self.notify_queue.append(message)
+        if self._idle_scope is not None:
+            self._idle_scope.cancel()
+
+    async def _pubsub_statement(self) -> bool:
+        """Answer a lone LISTEN/UNLISTEN in a pooled mode through the pool's listener."""
+        buf, end = self.buf, self.end
+        if self.skip or end < 6:
+            return False
+        t, length = _unpack_hdr(buf, 0)
+        if t != P.F_QUERY or length + 1 != end or not _LISTEN_HINT.search(buf[5:16]):
+            return False
+        parsed = pubsub.parse(bytes(buf[5:end - 1]).decode("utf-8", "replace"))
+        if parsed is None:
+            return False
+        verb, channel = parsed
+        self.end = 0
+        listener = self.ctx.pubsub.for_pool(self.pool)
+        try:
+            if verb == "listen":
+                await listener.listen(self, channel)
+                self.channels.add(channel)
+            else:
+                await listener.unlisten(self, channel)
+                if channel == "*":
+                    self.channels.clear()
+                else:
+                    self.channels.discard(channel)
+        except Exception as exc:
+            await self.send(E.error_response(E.CONNECTION_FAILURE, f"{verb.upper()} failed: {exc}")
+                            + M.ready_for_query(self._tx_status()))
+            return True
+        await self.send(M.command_complete(verb.upper()) + M.ready_for_query(self._tx_status()))
+        return True
+
+    def _tx_status(self) -> int:
+        return self.server.tx if self.server is not None else P.TX_IDLE
 
     async def _recv_with_idle_timeouts(self, srv: ServerConn | None) -> int:
         """Read the client's next request, enforcing the client idle timeouts.

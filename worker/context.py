@@ -54,6 +54,7 @@ class WorkerContext:
         self.maintenance: set[str] = set()
         self._gate_changed = trio.Event()
         self.started = trio.current_time()
+        self.pubsub = None  # worker/pubsub.PubSub when pub_sub_channel_size > 0 (set by serve)
         self.statements = StatementCache()
         self.apply_config(config)
 

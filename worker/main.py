@@ -52,6 +52,9 @@ async def serve(config, index: int = 0, *, link=None, workers: int = 1, node: in
                 for sock in listeners:
                     service.start_soon(accept_loop, sock, clients, _handler(ctx))
                 service.start_soon(ctx.maintenance_loop)
+                if g.pub_sub_channel_size > 0:
+                    from .pubsub import PubSub
+                    ctx.pubsub = PubSub(service, g.pub_sub_channel_size)
                 task_status.started(ctx)
                 stop = trio.Event()
 
