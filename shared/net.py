@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import os
 import socket
+import ssl
 
 import trio
 
@@ -27,8 +28,14 @@ def make_nonblocking(sock: socket.socket) -> socket.socket:
     return sock
 
 
+_PLAIN = socket.socket
+_TLS_CLOSED = (ssl.SSLEOFError, ssl.SSLZeroReturnError, ConnectionResetError, BrokenPipeError, TimeoutError)
+
+
 async def recv_into(sock: socket.socket, view: memoryview) -> int:
     """Wait until readable, then read into view. Returns >0 or raises PeerClosed."""
+    if type(sock) is not _PLAIN:
+        return await _tls_recv_into(sock, view)
     while True:
         await wait_readable(sock)
         try:
@@ -42,14 +49,38 @@ async def recv_into(sock: socket.socket, view: memoryview) -> int:
         return n
 
 
+async def _tls_recv_into(sock: ssl.SSLSocket, view: memoryview) -> int:
+    # Decrypted bytes may already sit in OpenSSL's buffer with nothing left on
+    # the fd: read those first, wait on the fd only when there are none.
+    while True:
+        if not sock.pending():
+            await wait_readable(sock)
+        try:
+            n = sock.recv_into(view)
+        except ssl.SSLWantReadError:
+            continue
+        except ssl.SSLWantWriteError:
+            await wait_writable(sock)
+            continue
+        except _TLS_CLOSED as exc:
+            raise PeerClosed(str(exc)) from exc
+        except ssl.SSLError as exc:
+            raise PeerClosed(f"TLS error: {exc}") from exc
+        if n == 0:
+            raise PeerClosed("connection closed by peer")
+        return n
+
+
 def try_recv_into(sock: socket.socket, view: memoryview) -> int:
     """Read without waiting: >0 bytes, -1 when nothing is available; PeerClosed on EOF."""
     try:
         n = sock.recv_into(view)
-    except BlockingIOError:
+    except (BlockingIOError, ssl.SSLWantReadError, ssl.SSLWantWriteError):
         return -1
-    except (ConnectionResetError, BrokenPipeError, TimeoutError) as exc:
+    except _TLS_CLOSED as exc:
         raise PeerClosed(str(exc)) from exc
+    except ssl.SSLError as exc:
+        raise PeerClosed(f"TLS error: {exc}") from exc
     if n == 0:
         raise PeerClosed("connection closed by peer")
     return n
@@ -59,10 +90,12 @@ async def send_all(sock: socket.socket, data: bytes | bytearray | memoryview) ->
     """Send every byte, waiting for writability only on a short send."""
     try:
         n = sock.send(data)
-    except BlockingIOError:
+    except (BlockingIOError, ssl.SSLWantWriteError, ssl.SSLWantReadError):
         n = 0
-    except (ConnectionResetError, BrokenPipeError, TimeoutError) as exc:
+    except _TLS_CLOSED as exc:
         raise PeerClosed(str(exc)) from exc
+    except ssl.SSLError as exc:
+        raise PeerClosed(f"TLS error: {exc}") from exc
     if n == len(data):
         return
     view = memoryview(data)[n:]
@@ -70,10 +103,15 @@ async def send_all(sock: socket.socket, data: bytes | bytearray | memoryview) ->
         await wait_writable(sock)
         try:
             n = sock.send(view)
-        except BlockingIOError:
+        except (BlockingIOError, ssl.SSLWantWriteError):
             continue
-        except (ConnectionResetError, BrokenPipeError, TimeoutError) as exc:
+        except ssl.SSLWantReadError:
+            await wait_readable(sock)
+            continue
+        except _TLS_CLOSED as exc:
             raise PeerClosed(str(exc)) from exc
+        except ssl.SSLError as exc:
+            raise PeerClosed(f"TLS error: {exc}") from exc
         view = view[n:]
 
 

@@ -8,11 +8,13 @@ socket, which the worker's relay later drives directly.
 from __future__ import annotations
 
 import socket
+import ssl
 from dataclasses import dataclass, field
 
 import trio
 
 from . import net
+from .tls import TlsError, wrap_client_side
 from .wire import messages as M
 from .wire import protocol as P
 from .wire.framing import HEADER, check_length
@@ -70,12 +72,15 @@ class PgConn:
     @classmethod
     async def connect(cls, host: str, port: int, *, user: str, database: str,
                       password: str | None = None, params: dict[str, str] | None = None,
-                      timeout: float = 5.0) -> "PgConn":
-        """Open, start up and authenticate; raises ConnectError or ServerError."""
+                      timeout: float = 5.0, tls: ssl.SSLContext | None = None,
+                      tls_required: bool = False) -> "PgConn":
+        """Open, (TLS,) start up and authenticate; raises ConnectError or ServerError."""
         sock = None
         try:
             with trio.fail_after(timeout):
                 sock = await net.connect_tcp(host, port)
+                if tls is not None:
+                    sock = await _negotiate_tls(sock, tls, host, tls_required)
                 conn = cls(sock, host, port)
                 startup = {"user": user, "database": database}
                 startup.update(params or {})
@@ -86,7 +91,7 @@ class PgConn:
         except trio.TooSlowError:
             net.close_quietly(sock)
             raise ConnectError(f"timed out connecting to {host}:{port} after {timeout:g}s") from None
-        except (OSError, net.PeerClosed) as exc:
+        except (OSError, net.PeerClosed, TlsError) as exc:
             net.close_quietly(sock)
             raise ConnectError(f"cannot connect to {host}:{port}: {exc}") from exc
         except BaseException:
@@ -254,6 +259,20 @@ class PgConn:
         except OSError:
             pass
         net.close_quietly(self.sock)
+
+
+async def _negotiate_tls(sock, ctx: ssl.SSLContext, host: str, required: bool):
+    """SSLRequest, then TLS if the server answers 'S' ("SSL Session Encryption")."""
+    await net.send_all(sock, M.ssl_request())
+    answer = bytearray(1)
+    await net.recv_into(sock, memoryview(answer))
+    if answer == b"S":
+        return await wrap_client_side(ctx, sock, host)
+    if answer != b"N":
+        raise ConnectError(f"server answered SSLRequest with {bytes(answer)!r}")
+    if required:
+        raise ConnectError(f"server {host} does not support TLS, and tls_verify requires it")
+    return sock
 
 
 async def send_cancel(host: str, port: int, pid: int, secret: int, timeout: float = 5.0) -> None:

@@ -20,7 +20,7 @@ import trio
 
 from pgherd.router.settings import HINT, analyze
 from pgherd.router.txstart import starts_transaction
-from pgherd.shared import net
+from pgherd.shared import net, tls
 from pgherd.shared.pgconn import ServerError, send_cancel
 from pgherd.shared.wire import errors as E
 from pgherd.shared.wire import messages as M
@@ -140,6 +140,8 @@ class ClientSession:
         self.mode = "transaction"
         self.connect_time = trio.current_time()
         self.state = "login"
+        self.tls = False
+        self.lost_mid_reply = False  # the client vanished while a reply was on its way
         # Set while the client waits for a server; a CancelRequest cancels the wait.
         self._wait_scope: trio.CancelScope | None = None
         # Prepared statements (worker/prepared.py): the client's names -> global
@@ -268,8 +270,21 @@ class ClientSession:
             _, code = STARTUP_HEADER.unpack_from(self.buf, 0)
             body = bytes(self.buf[8:length])
             self._consume(length)
+            if code == P.SSL_REQUEST_CODE and self.ctx.client_tls is not None and not self.tls:
+                if self.end:
+                    # Bytes after SSLRequest before the handshake could be injected by
+                    # a man in the middle (CVE-2021-23214): refuse, as Postgres does.
+                    raise E.ProtocolViolation("received unencrypted data after SSL request")
+                await self.send(b"S")
+                try:
+                    self.sock = await tls.wrap_server_side(self.ctx.client_tls, self.sock)
+                except tls.TlsError as exc:
+                    log.info("client %s: TLS handshake failed: %s", self.addr, exc)
+                    raise ClientGone() from None
+                self.tls = True
+                continue
             if code == P.SSL_REQUEST_CODE or code == P.GSSENC_REQUEST_CODE:
-                # No encryption here yet: 'N' means "continue in plaintext".
+                # 'N' means "continue in plaintext" (no TLS configured, or GSSAPI).
                 await self.send(b"N")
                 continue
             if code == P.CANCEL_REQUEST_CODE:
@@ -285,6 +300,9 @@ class ClientSession:
                 params = M.read_startup_params(body)
             except ValueError as exc:
                 raise E.ProtocolViolation(f"invalid startup packet: {exc}") from None
+            if self.ctx.tls_client_required and not self.tls:
+                raise E.PgError(E.INVALID_AUTHORIZATION, "TLS is required to connect to pgherd",
+                                hint="connect with sslmode=require (or verify-ca / verify-full)", fatal=True)
             await self._login(code, params)
             return True
 
@@ -1083,6 +1101,7 @@ class ClientSession:
                 await net.send_all(self.sock, memoryview(conn.rbuf)[conn.rstart:p])
             except net.PeerClosed:
                 conn.rstart = p
+                self.lost_mid_reply = True
                 raise
             conn.rstart = p
 
@@ -1152,7 +1171,11 @@ class ClientSession:
         if out:
             data = b"".join(out)
             srv.pool.sent += len(data)
-            await net.send_all(self.sock, data)
+            try:
+                await net.send_all(self.sock, data)
+            except net.PeerClosed:
+                self.lost_mid_reply = True
+                raise
 
     def _on_server_message(self, srv: ServerConn, t: int, buf, b0: int, b1: int) -> None:
         if t == P.B_READY_FOR_QUERY:
@@ -1332,11 +1355,16 @@ class ClientSession:
             pool.checkin(srv)
             return
         needs_reset = self.mode == "session" or srv.set_params or self.pinned
-        if srv.idle and not needs_reset:
+        if srv.idle and not needs_reset and not self.lost_mid_reply:
             pool.checkin(srv)
             return
         recovery = self.ctx.connection_recovery
-        if recovery == "drop" or (recovery == "rollback_only" and (srv.owes_reply() or srv.copy_in)):
+        in_flight = srv.owes_reply() or srv.copy_in or self.lost_mid_reply
+        if recovery != "recover" and self.lost_mid_reply:
+            srv.broken = True  # it ran a query for a client that was already gone
+            pool.checkin(srv)
+            return
+        if recovery == "drop" or (recovery == "rollback_only" and in_flight):
             # PgDog's connection_recovery: "drop" never saves a dirty server;
             # "rollback_only" saves it only if no query was left in flight.
             srv.broken = True

@@ -8,6 +8,7 @@ import secrets
 
 import trio
 
+from pgherd.shared import tls
 from pgherd.shared.backend_key import PID_COUNTER_MASK, make_pid, pid_owner
 from pgherd.shared.wire import errors as E
 from pgherd.shared.wire import protocol as P
@@ -75,6 +76,13 @@ class WorkerContext:
         self.client_idle_timeout = _seconds(g.client_idle_timeout)
         self.client_idle_in_transaction_timeout = _seconds(g.client_idle_in_transaction_timeout)
         self.connection_recovery = g.connection_recovery
+        # TLS contexts are rebuilt on every reload, so RELOAD picks up new certificates.
+        self.client_tls = (tls.server_context(g.tls_certificate, g.tls_private_key, g.tls_client_ca_certificate)
+                           if g.tls_certificate and g.tls_private_key else None)
+        self.tls_client_required = g.tls_client_required
+        self.server_tls = tls.client_context(g.tls_verify, g.tls_server_ca_certificate,
+                                             g.tls_server_certificate, g.tls_server_private_key)
+        self.server_tls_required = g.tls_verify in tls.REQUIRE_TLS
         self.client_connection_recovery = g.client_connection_recovery
         limit = g.prepared_statements_limit
         self.prepared_limit = 0 if limit >= 2**62 else int(limit)
@@ -130,7 +138,10 @@ class WorkerContext:
             server_lifetime=config.server_lifetime(user, db) / 1000,
             rollback_timeout=g.rollback_timeout / 1000,
             healthcheck_interval=g.healthcheck_interval / 1000,
-            healthcheck_timeout=g.healthcheck_timeout / 1000)
+            healthcheck_timeout=g.healthcheck_timeout / 1000,
+            tls=self.server_tls, tls_required=self.server_tls_required,
+            tls_config=(g.tls_verify, g.tls_server_ca_certificate, g.tls_server_certificate,
+                        g.tls_server_private_key))
         pool = Pool(user.name, database, settings, db.shard, db.role)
         pool.configured_size = config.pool_size(user, db)
         return pool

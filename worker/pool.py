@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import logging
 from collections import deque
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import trio
 
@@ -39,6 +39,11 @@ class PoolSettings:
     rollback_timeout: float  # seconds
     healthcheck_interval: float = 30.0  # seconds idle after which a server is checked before use
     healthcheck_timeout: float = 5.0  # seconds
+    # ssl.SSLContext for server connections (None: plaintext). Compared by the settings
+    # it was made from (tls_config), so a reload that keeps them keeps the pool.
+    tls: object = field(default=None, compare=False)
+    tls_required: bool = False  # tls_verify verify_ca / verify_full: refuse plaintext
+    tls_config: tuple = ()
 
 
 class _Waiter:
@@ -174,7 +179,8 @@ class Pool:
                 try:
                     conn = await PgConn.connect(
                         s.host, s.port, user=s.server_user, database=s.database_name,
-                        password=s.server_password, timeout=s.connect_timeout)
+                        password=s.server_password, timeout=s.connect_timeout,
+                        tls=s.tls, tls_required=s.tls_required)
                 except ServerError as exc:
                     self.errors += 1
                     # Postgres refused us (auth, unknown database, too many clients):

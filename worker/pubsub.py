@@ -56,7 +56,8 @@ class PoolListener:
     async def _connect(self) -> None:
         s = self.pool.settings
         self.conn = await PgConn.connect(s.host, s.port, user=s.server_user, database=s.database_name,
-                                         password=s.server_password, timeout=s.connect_timeout)
+                                         password=s.server_password, timeout=s.connect_timeout,
+                                         tls=s.tls, tls_required=s.tls_required)
 
     async def _run(self) -> None:
         """Read the listening connection forever: notifications and command replies."""

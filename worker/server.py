@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import select
 import socket
 from collections import deque
 
@@ -127,8 +128,14 @@ class ServerConn:
         One non-blocking MSG_PEEK recv (a Postgres shutting down sends FATAL 57P01
         to idle backends before closing them).
         """
+        sock = self.sock
+        if type(sock) is not socket.socket:  # TLS: no MSG_PEEK; ask the kernel instead
+            if sock.pending():
+                return False
+            readable, _, _ = select.select([sock], [], [], 0)
+            return not readable
         try:
-            data = self.sock.recv(1, socket.MSG_PEEK | socket.MSG_DONTWAIT)
+            sock.recv(1, socket.MSG_PEEK | socket.MSG_DONTWAIT)
         except BlockingIOError:
             return True
         except OSError:
