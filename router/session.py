@@ -19,6 +19,7 @@ from __future__ import annotations
 
 from typing import Mapping, NamedTuple, Optional, Union
 
+from .options import parse_options
 from .parse import ParseError, node_type, parse_statements
 
 __all__ = ["RoutingSession", "SessionChange", "change_from_stmt", "parse_search_path", "session_change"]
@@ -182,9 +183,10 @@ class RoutingSession:
         """From StartupMessage parameters: search_path, and -c pgherd.shard=... inside options."""
         startup: dict[str, Value] = {}
         settings: dict[str, str] = {}
-        for option in _split_options(params.get("options", "")):
-            name, _, value = option.partition("=")
-            settings[name.strip().lower()] = value
+        try:
+            settings.update(parse_options(params.get("options", "")))
+        except ValueError:
+            pass  # the worker refuses such a login before routing matters
         settings.update((k.lower(), v) for k, v in params.items() if k != "options")
         for name, value in settings.items():
             variable = VARIABLES.get(name)
@@ -239,33 +241,3 @@ class RoutingSession:
         return self._get("search_path")  # type: ignore[return-value]
 
 
-def _split_options(options: str) -> list[str]:
-    """The `-c name=value` / `--name=value` settings of a libpq options string (backslash escapes)."""
-    words, cur, i = [], [], 0
-    while i < len(options):
-        ch = options[i]
-        if ch == "\\" and i + 1 < len(options):
-            cur.append(options[i + 1])
-            i += 2
-            continue
-        if ch.isspace():
-            if cur:
-                words.append("".join(cur))
-                cur = []
-        else:
-            cur.append(ch)
-        i += 1
-    if cur:
-        words.append("".join(cur))
-    out, expect = [], False
-    for w in words:
-        if expect:
-            out.append(w)
-            expect = False
-        elif w == "-c":
-            expect = True
-        elif w.startswith("-c"):
-            out.append(w[2:])
-        elif w.startswith("--"):
-            out.append(w[2:])
-    return out

@@ -32,6 +32,12 @@ _PLAIN = socket.socket
 _TLS_CLOSED = (ssl.SSLEOFError, ssl.SSLZeroReturnError, ConnectionResetError, BrokenPipeError, TimeoutError)
 
 
+def _closed(exc: Exception) -> PeerClosed:
+    if isinstance(exc, ssl.SSLError) and not isinstance(exc, (ssl.SSLEOFError, ssl.SSLZeroReturnError)):
+        return PeerClosed(f"TLS error: {exc}")
+    return PeerClosed(str(exc))
+
+
 async def recv_into(sock: socket.socket, view: memoryview) -> int:
     """Wait until readable, then read into view. Returns >0 or raises PeerClosed."""
     if type(sock) is not _PLAIN:
@@ -62,10 +68,8 @@ async def _tls_recv_into(sock: ssl.SSLSocket, view: memoryview) -> int:
         except ssl.SSLWantWriteError:
             await wait_writable(sock)
             continue
-        except _TLS_CLOSED as exc:
-            raise PeerClosed(str(exc)) from exc
-        except ssl.SSLError as exc:
-            raise PeerClosed(f"TLS error: {exc}") from exc
+        except (*_TLS_CLOSED, ssl.SSLError) as exc:
+            raise _closed(exc) from exc
         if n == 0:
             raise PeerClosed("connection closed by peer")
         return n
@@ -77,10 +81,8 @@ def try_recv_into(sock: socket.socket, view: memoryview) -> int:
         n = sock.recv_into(view)
     except (BlockingIOError, ssl.SSLWantReadError, ssl.SSLWantWriteError):
         return -1
-    except _TLS_CLOSED as exc:
-        raise PeerClosed(str(exc)) from exc
-    except ssl.SSLError as exc:
-        raise PeerClosed(f"TLS error: {exc}") from exc
+    except (*_TLS_CLOSED, ssl.SSLError) as exc:
+        raise _closed(exc) from exc
     if n == 0:
         raise PeerClosed("connection closed by peer")
     return n
@@ -92,10 +94,8 @@ async def send_all(sock: socket.socket, data: bytes | bytearray | memoryview) ->
         n = sock.send(data)
     except (BlockingIOError, ssl.SSLWantWriteError, ssl.SSLWantReadError):
         n = 0
-    except _TLS_CLOSED as exc:
-        raise PeerClosed(str(exc)) from exc
-    except ssl.SSLError as exc:
-        raise PeerClosed(f"TLS error: {exc}") from exc
+    except (*_TLS_CLOSED, ssl.SSLError) as exc:
+        raise _closed(exc) from exc
     if n == len(data):
         return
     view = memoryview(data)[n:]
@@ -108,10 +108,8 @@ async def send_all(sock: socket.socket, data: bytes | bytearray | memoryview) ->
         except ssl.SSLWantReadError:
             await wait_readable(sock)
             continue
-        except _TLS_CLOSED as exc:
-            raise PeerClosed(str(exc)) from exc
-        except ssl.SSLError as exc:
-            raise PeerClosed(f"TLS error: {exc}") from exc
+        except (*_TLS_CLOSED, ssl.SSLError) as exc:
+            raise _closed(exc) from exc
         view = view[n:]
 
 

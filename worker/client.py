@@ -18,6 +18,7 @@ from types import SimpleNamespace
 
 import trio
 
+from pgherd.router.options import parse_options as _parse_options
 from pgherd.router.settings import HINT, analyze
 from pgherd.router.txstart import starts_transaction
 from pgherd.shared import net, tls
@@ -70,6 +71,14 @@ _VALID_REQUEST_TYPES = P.FRONTEND_TYPES - {P.F_PASSWORD}
 _unpack_hdr = HEADER.unpack_from
 
 
+def _bad_header(t: int, length: int, max_size: int) -> None:
+    """A client message header pgherd refuses ("Message Formats"): 08P01, then disconnect."""
+    if t not in _VALID_REQUEST_TYPES:
+        raise E.ProtocolViolation(f"invalid frontend message type {t}")
+    raise E.ProtocolViolation(f"invalid message length {length} for message type {chr(t)!r} "
+                              f"(allowed 4..{max_size})")
+
+
 class ClientGone(Exception):
     """The client sent Terminate or closed its socket."""
 
@@ -79,44 +88,11 @@ class _Answered(Exception):
 
 
 def parse_options(options: str) -> dict[str, str]:
-    """Settings from the startup `options` parameter: `-c name=value` and `--name=value`.
-
-    Backslash escapes a space, as libpq documents for PGOPTIONS.
-    """
-    words, cur, esc = [], [], False
-    for ch in options:
-        if esc:
-            cur.append(ch)
-            esc = False
-        elif ch == "\\":
-            esc = True
-        elif ch.isspace():
-            if cur:
-                words.append("".join(cur))
-                cur = []
-        else:
-            cur.append(ch)
-    if cur:
-        words.append("".join(cur))
-    out: dict[str, str] = {}
-    i = 0
-    while i < len(words):
-        w = words[i]
-        setting = None
-        if w == "-c" and i + 1 < len(words):
-            setting, i = words[i + 1], i + 2
-        elif w.startswith("-c"):
-            setting, i = w[2:], i + 1
-        elif w.startswith("--"):
-            setting, i = w[2:], i + 1
-        else:
-            raise E.PgError(E.PROTOCOL_VIOLATION, f"invalid command-line argument in options: {w!r}",
-                            hint='use "-c name=value"', fatal=True)
-        if "=" not in setting:
-            raise E.PgError(E.SYNTAX_ERROR, f"option {setting!r} requires a value", fatal=True)
-        name, value = setting.split("=", 1)
-        out[name.replace("-", "_").lower()] = value
-    return out
+    """Startup `options` settings (router/options.py) or a FATAL error the client sees."""
+    try:
+        return _parse_options(options)
+    except ValueError as exc:
+        raise E.PgError(E.PROTOCOL_VIOLATION, str(exc), hint='use "-c name=value"', fatal=True) from None
 
 
 class ClientSession:
@@ -473,11 +449,8 @@ class ClientSession:
         max_size = self.ctx.max_message_size
         while end - p >= 5:
             t, length = _unpack_hdr(buf, p)
-            if t not in _VALID_REQUEST_TYPES:
-                raise E.ProtocolViolation(f"invalid frontend message type {t}")
-            if length < 4 or length > max_size:
-                raise E.ProtocolViolation(f"invalid message length {length} for message type "
-                                          f"{chr(t)!r} (allowed 4..{max_size})")
+            if t not in _VALID_REQUEST_TYPES or length < 4 or length > max_size:
+                _bad_header(t, length, max_size)
             if t == P.F_TERMINATE:
                 return p, True
             if t in _RFQ_TYPES:
@@ -593,11 +566,8 @@ class ClientSession:
         max_size = self.ctx.max_message_size
         while not self.skip and end - p >= 5:
             t, length = _unpack_hdr(buf, p)
-            if t not in _VALID_REQUEST_TYPES:
-                raise E.ProtocolViolation(f"invalid frontend message type {t}")
-            if length < 4 or length > max_size:
-                raise E.ProtocolViolation(f"invalid message length {length} for message type "
-                                          f"{chr(t)!r} (allowed 4..{max_size})")
+            if t not in _VALID_REQUEST_TYPES or length < 4 or length > max_size:
+                _bad_header(t, length, max_size)
             stop = p + 1 + length
             if t == P.F_TERMINATE:
                 return b"".join(out), p, True
