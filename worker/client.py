@@ -1197,11 +1197,15 @@ class ClientSession:
         On failure the client gets the error in place of each reply it expects
         and stays connected, or is disconnected if the request is incomplete.
         """
-        self.state = "waiting"
+        ctx = self.ctx
         srv = None
-        with trio.CancelScope() as self._wait_scope:
-            srv = await self._checkout()
-        self._wait_scope = None
+        if not (ctx.paused or ctx.maintenance) and not self.pool.closed:
+            srv = self.pool.try_checkout()  # an idle server at hand: no waiting, no scope
+        if srv is None:
+            self.state = "waiting"
+            with trio.CancelScope() as self._wait_scope:
+                srv = await self._checkout()
+            self._wait_scope = None
         if srv is None:
             # Cancelled while waiting: the request never reached a server.
             self.state = "active"

@@ -99,6 +99,21 @@ class Pool:
         return f"{self.user}@{self.database} ({s.host}:{s.port})"
 
     # ------------------------------------------------------------ checkout
+    def try_checkout(self) -> ServerConn | None:
+        """An idle server ready for use right now, without awaiting (the common case)."""
+        now = trio.current_time()
+        while self.idle:
+            srv = self.idle[-1]
+            if now - srv.last_used > self.settings.healthcheck_interval:
+                return None  # needs a health check: the async path does it
+            self.idle.pop()
+            if self._expired(srv) or not srv.looks_alive():
+                self._discard(srv)
+                continue
+            self.active += 1
+            return srv
+        return None
+
     async def checkout(self) -> ServerConn:
         """A server for a client: idle one, new one, or wait (FIFO) up to checkout_timeout."""
         while self.idle:
@@ -348,6 +363,8 @@ async def sync_params(srv: ServerConn, wanted: dict[str, str]) -> None:
     earlier client set and this one did not are RESET to the server's login default.
     """
     current = srv.set_params
+    if current == wanted:
+        return  # the common case: nothing to send
     changed = [(n, v) for n, v in wanted.items() if current.get(n) != v]
     resets = [n for n in current if n not in wanted]
     if not changed and not resets:
