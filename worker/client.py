@@ -63,6 +63,11 @@ _ASYNC_REPLIES = frozenset([P.B_NOTICE_RESPONSE, P.B_NOTIFICATION_RESPONSE, P.B_
 _EXECUTE_END = frozenset([P.B_COMMAND_COMPLETE, P.B_EMPTY_QUERY_RESPONSE, P.B_PORTAL_SUSPENDED])
 _DEALLOCATE = re.compile(r"^\s*deallocate\s+(?:prepare\s+)?(\"[^\"]+\"|[A-Za-z_][A-Za-z0-9_$]*)\s*;?\s*$", re.I)
 _LISTEN_HINT = re.compile(rb"listen", re.I)
+# prepared_statements = "full": SQL-level PREPARE / EXECUTE of one statement.
+_SQL_NAME = r'("(?:[^"]|"")+"|[A-Za-z_][A-Za-z0-9_$]*)'
+_SQL_PREPARE = re.compile(r"^\s*prepare\s+" + _SQL_NAME + r"\s*(\([^)]*\))?\s+as\s+(.+?)\s*;?\s*$", re.I | re.S)
+_SQL_EXECUTE = re.compile(r"^\s*execute\s+" + _SQL_NAME + r"\s*(\(.*\))?\s*;?\s*$", re.I | re.S)
+_SQL_HINT = re.compile(rb"^\s*(prepare|execute|deallocate)\s", re.I)
 _DISCARD_ALL = re.compile(r"^\s*discard\s+all\s*;?\s*$", re.I)
 # Message types that end a request: the server will answer with ReadyForQuery.
 _RFQ_TYPES = frozenset([P.F_QUERY, P.F_SYNC, P.F_FUNCTION_CALL])
@@ -81,6 +86,13 @@ def _bad_header(t: int, length: int, max_size: int) -> None:
 
 class ClientGone(Exception):
     """The client sent Terminate or closed its socket."""
+
+
+def _unquote(name: str) -> str:
+    """A SQL identifier as Postgres stores it: quoted kept as is, unquoted folded to lower case."""
+    if name.startswith('"'):
+        return name[1:-1].replace('""', '"')
+    return name.lower()
 
 
 class _Answered(Exception):
@@ -124,6 +136,7 @@ class ClientSession:
         # names; `tracked` once the client speaks the extended protocol in a
         # pooled mode, after which every request and reply goes through actions.
         self.statements: dict[str, str] = {}
+        self.sql_statements: dict[str, str] = {}  # SQL PREPARE names -> global names ("full")
         self.tracked = False
         self.skip_to_sync = False
         # Session state (router/settings.py): changes waiting for their ReadyForQuery,
@@ -394,7 +407,9 @@ class ClientSession:
                     continue
             srv = self.server
             if not self.tracked and self.ctx.rewrite_prepared and self.mode != "session" \
-                    and self._has_extended():
+                    and (self._has_extended() or (self.ctx.rewrite_sql_prepared and self.end > 5
+                                                 and self.buf[0] == P.F_QUERY
+                                                 and _SQL_HINT.search(self.buf[5:40]))):
                 self.tracked = True
             if self.mode == "statement" and self._opens_transaction():
                 await self._fail_request(E.PgError(
@@ -672,11 +687,14 @@ class ClientSession:
         sql = M.read_query(body)
         m = _DEALLOCATE.match(sql)
         srv.unsynced = False
+        if self.ctx.rewrite_sql_prepared and self._sql_prepared(srv, sql, out):
+            return
         if m and m.group(1).upper() != "ALL":
             # DEALLOCATE of one of the client's statements: only the client's name goes.
-            name = m.group(1).strip('"')
-            if name in self.statements:
-                del self.statements[name]
+            name = _unquote(m.group(1))
+            if name in self.statements or name in self.sql_statements:
+                self.statements.pop(name, None)
+                self.sql_statements.pop(name, None)
                 acts.append(Action(A_SYNTH, data=M.command_complete("DEALLOCATE")))
                 out.append(M.sync())  # yields the ReadyForQuery with the real status
                 acts.append(Action(A_SYNC))
@@ -685,6 +703,7 @@ class ClientSession:
         elif m or _DISCARD_ALL.match(sql):
             # The server drops every prepared statement, ours included.
             self.statements.clear()
+            self.sql_statements.clear()
             srv.statements.clear()
         out.append(raw)
         acts.append(Action(A_QUERY))
@@ -696,6 +715,46 @@ class ClientSession:
         if name is not None and name in self.ctx.statements.retired:
             name = self.statements[client_name] = self.ctx.statements.current(name)
         return name
+
+    def _sql_prepared(self, srv: ServerConn, sql: str, out: list) -> bool:
+        """prepared_statements = "full": rewrite SQL PREPARE/EXECUTE to global names."""
+        acts = srv.actions
+        m = _SQL_PREPARE.match(sql)
+        if m:
+            name, types, stmt = _unquote(m.group(1)), m.group(2) or "", m.group(3)
+            if name in self.sql_statements or name in self.statements:
+                acts.append(Action(A_SYNTH, data=E.error_response(
+                    "42P05", f'prepared statement "{name}" already exists')))
+            else:
+                glob = self.ctx.statements.sql_name_for(types, stmt)
+                self.sql_statements[name] = glob
+                if srv.statements.has(glob):
+                    acts.append(Action(A_SYNTH, data=M.command_complete("PREPARE")))
+                else:
+                    out.append(self.ctx.statements.parse_message(glob))
+                    srv.statements.add(glob)
+                    srv.expect.append(P.F_QUERY)
+                    acts.append(Action(A_QUERY, stmt=glob, client_name=name))
+                    return True
+            out.append(M.sync())  # the ReadyForQuery, with the real transaction status
+            srv.expect.append(P.F_SYNC)
+            acts.append(Action(A_SYNC))
+            return True
+        m = _SQL_EXECUTE.match(sql)
+        if m and _unquote(m.group(1)) in self.sql_statements:
+            glob = self.sql_statements[_unquote(m.group(1))]
+            if glob in self.ctx.statements.retired:
+                glob = self.sql_statements[_unquote(m.group(1))] = self.ctx.statements.current(glob)
+            if not srv.statements.has(glob):
+                out.append(self.ctx.statements.parse_message(glob))  # PREPARE first, replies swallowed
+                srv.statements.add(glob)
+                srv.expect.append(P.F_QUERY)
+                acts.append(Action(A_QUERY, swallow=True, stmt=glob))
+            out.append(M.query(f"EXECUTE {glob}{m.group(2) or ''}"))
+            srv.expect.append(P.F_QUERY)
+            acts.append(Action(A_QUERY))
+            return True
+        return False
 
     def _ensure_prepared(self, srv: ServerConn, name: str, out: list) -> None:
         if not srv.statements.has(name):
@@ -722,8 +781,20 @@ class ClientSession:
             return True, b""
         head = acts[0]
         k = head.kind
+        if k == A_QUERY and head.swallow:
+            # An injected PREPARE: its replies are pgherd's, except an error the client
+            # must see (its EXECUTE cannot run then either).
+            if t == P.B_ERROR_RESPONSE:
+                self._undo(srv, head)
+                return True, b""
+            if t == P.B_READY_FOR_QUERY:
+                acts.popleft()
+                return False, take_synth(acts)
+            return False, b""
         if t == P.B_ERROR_RESPONSE:
             if k in (A_QUERY, A_FUNCTION, A_SYNC):
+                if k == A_QUERY and head.stmt:
+                    self._undo(srv, head)  # a SQL PREPARE that failed
                 return True, b""
             # This message failed; Postgres skips every message up to the next Sync.
             acts.popleft()
@@ -756,11 +827,12 @@ class ClientSession:
         return True, b""  # rows, ParameterDescription, COPY data...: part of the head's replies
 
     def _undo(self, srv: ServerConn, action: Action) -> None:
-        """A Parse that failed or was skipped: its statement does not exist."""
-        if action.kind == A_PARSE:
+        """A Parse or PREPARE that failed or was skipped: its statement does not exist."""
+        if action.kind in (A_PARSE, A_QUERY) and action.stmt:
             srv.statements.discard(action.stmt)
         if action.client_name:
             self.statements.pop(action.client_name, None)
+            self.sql_statements.pop(action.client_name, None)
 
     def _opens_transaction(self) -> bool:
         """Statement mode: does a complete Query or Parse in the buffer open a transaction?"""

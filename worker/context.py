@@ -71,6 +71,7 @@ class WorkerContext:
         # in transaction/statement mode (worker/prepared.py); "full" also covers SQL
         # PREPARE/EXECUTE, which is not done yet and behaves like "extended".
         self.rewrite_prepared = g.prepared_statements != "disabled"
+        self.rewrite_sql_prepared = g.prepared_statements == "full"
         # Timeouts in seconds; None when disabled (PgDog's "disabled" is a huge value).
         self.query_timeout = _seconds(g.query_timeout)
         self.client_idle_timeout = _seconds(g.client_idle_timeout)

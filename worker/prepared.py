@@ -66,7 +66,7 @@ class StatementCache:
     """A worker's prepared statements: (query, param types) -> global name and Parse."""
 
     def __init__(self) -> None:
-        self._by_key: dict[tuple[str, tuple[int, ...]], str] = {}
+        self._by_key: dict[tuple, str] = {}
         self._parse: dict[str, bytes] = {}
         self._counter = 0
         # Names some server prepared successfully: a Parse of them cannot fail for
@@ -90,7 +90,7 @@ class StatementCache:
     def retire(self, name: str) -> None:
         """Replace a statement whose plan is stale with a fresh global name."""
         for key, current in self._by_key.items():
-            if current == name:
+            if current == name and len(key) == 2:
                 del self._by_key[key]
                 fresh = self.name_for(*key)
                 self.retired[name] = fresh
@@ -109,6 +109,17 @@ class StatementCache:
     def validated_name(self, query: str, types: tuple[int, ...]) -> str | None:
         name = self._by_key.get((query, types))
         return name if name in self._validated else None
+
+    def sql_name_for(self, types: str, statement: str) -> str:
+        """Global name for a SQL PREPARE ("full" mode); its message is the PREPARE itself."""
+        key = ("sql", types, statement)  # 3-tuples never collide with (query, types) keys
+        name = self._by_key.get(key)
+        if name is None:
+            self._counter += 1
+            name = f"pgherd_{self._counter}"
+            self._by_key[key] = name
+            self._parse[name] = M.query(f"PREPARE {name}{types} AS {statement}")
+        return name
 
     def parse_message(self, name: str) -> bytes:
         return self._parse[name]

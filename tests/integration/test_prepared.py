@@ -829,3 +829,34 @@ def test_cancel_query_running_through_prepared_statement(proc2, admin_conn, help
     helpers.wait_for(lambda: not admin_conn.execute(
         "select 1 from pg_stat_activity where query like 'select pg_sleep($1)%' and state = 'active'"
     ).fetchall(), timeout=5, what="the sleep to be gone")
+
+
+def test_full_mode_rewrites_sql_prepare_execute_deallocate(pgherd, pg):
+    """prepared_statements = "full": SQL PREPARE/EXECUTE/DEALLOCATE per client, one shared server."""
+    proc = pgherd(general={"workers": 1, "default_pool_size": 1, "prepared_statements": "full"})
+    direct_dsn = pg.dsn("pgherd_test", "alice", "alice-secret")
+    with psycopg.connect(proc.dsn(), autocommit=True, prepare_threshold=None) as a, \
+            psycopg.connect(proc.dsn(), autocommit=True, prepare_threshold=None) as b, \
+            psycopg.connect(direct_dsn, autocommit=True, prepare_threshold=None) as d:
+        assert a.execute("select pg_backend_pid()").fetchone() == b.execute("select pg_backend_pid()").fetchone()
+        a.execute("PREPARE q1 (int) AS SELECT $1 + 1")
+        b.execute("PREPARE q1 (int) AS SELECT $1 + 100")  # same name, other client: no clash
+        assert a.execute("EXECUTE q1(1)").fetchone() == (2,)
+        assert b.execute("execute Q1 (1)").fetchone() == (101,)
+        for conn in (a, d):  # the errors Postgres gives
+            if conn is d:
+                conn.execute("PREPARE q1 (int) AS SELECT $1 + 1")
+            with pytest.raises(psycopg.Error) as info:
+                conn.execute("PREPARE q1 AS SELECT 2")
+            assert info.value.sqlstate == "42P05"
+            conn.execute("DEALLOCATE q1")
+            with pytest.raises(psycopg.Error) as info:
+                conn.execute("EXECUTE q1(1)")
+            assert info.value.sqlstate == "26000"
+            with pytest.raises(psycopg.Error) as info:
+                conn.execute("PREPARE bad AS SELEC 1")
+            assert info.value.sqlstate == "42601"
+            conn.execute("PREPARE bad AS SELECT 'fixed'")
+            with conn.transaction():
+                assert conn.execute("EXECUTE bad").fetchone() == ("fixed",)
+        assert b.execute("EXECUTE q1(2)").fetchone() == (102,)  # b unaffected by a's DEALLOCATE
