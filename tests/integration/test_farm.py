@@ -11,7 +11,6 @@ worker index = (pid >> 22) - 1 (see shared/backend_key.py).
 
 from __future__ import annotations
 
-import importlib
 import multiprocessing
 import os
 import re
@@ -31,6 +30,7 @@ import pytest
 from psycopg import errors as pgerr
 
 from pgherd.shared.localpg import pg_bin_dir
+from pgherd.shared.unique_id import UniqueIdGenerator, decode
 
 pytestmark = pytest.mark.timeout(90)
 
@@ -296,25 +296,13 @@ def test_cancel_with_a_wrong_secret_cancels_nothing(farm, helpers, pg_admin):
 # unique_id() generators in several processes
 
 
-def _unique_id_module():
-    try:
-        return importlib.import_module("pgherd.shared.unique_id")
-    except ModuleNotFoundError as exc:
-        if exc.name == "pgherd.shared.unique_id":
-            return None
-        raise
-
-
 def _ids_in_process(node: int, count: int, barrier, out) -> None:
-    gen = _unique_id_module().UniqueIdGenerator(node)
+    gen = UniqueIdGenerator(node)
     barrier.wait(30)  # every process bursts in the same milliseconds
     out.put((node, [gen.next_id() for _ in range(count)]))
 
 
 def test_unique_ids_from_several_processes_are_unique():
-    module = _unique_id_module()
-    if module is None:
-        pytest.skip("pgherd.shared.unique_id (shared/unique_id.py) does not exist yet")
     per_process = 20_000  # several milliseconds' worth (4096 per millisecond per node)
     nodes = [0, 1, 2, NODE_ID, 1023]
     ctx = multiprocessing.get_context("spawn")  # fresh interpreters, like pgherd's workers
@@ -334,11 +322,11 @@ def test_unique_ids_from_several_processes_are_unique():
         assert len(ids) == per_process
         assert all(isinstance(i, int) and 0 < i < 2**63 for i in ids)
         assert all(a < b for a, b in zip(ids, ids[1:])), "ids of one generator must strictly increase"
-        assert {module.decode(i)[1] for i in ids} == {node}
+        assert {decode(i)[1] for i in ids} == {node}
     everything = [i for ids in results for i in ids]
     assert len(set(everything)) == len(everything), "two processes with distinct nodes gave the same id"
     # They really ran at the same time: ids of different nodes share milliseconds.
-    stamps = [{module.decode(i)[0] for i in ids} for ids in results]
+    stamps = [{decode(i)[0] for i in ids} for ids in results]
     assert any(a & b for i, a in enumerate(stamps) for b in stamps[i + 1:]), "the processes never overlapped"
 
 
