@@ -16,6 +16,7 @@ import psutil
 import trio
 import zmq
 
+from pgherd import __version__
 from pgherd.shared.backend_key import pid_owner
 from pgherd.shared.bus import messages as B
 from pgherd.shared.bus.transport import BusSocket
@@ -351,7 +352,7 @@ class Supervisor:
                 log.error("worker %d did not start: %s", w.index, w.failed_reason or "no Ready in time")
         if not serving:
             return False
-        log.info("pgherd %s: %s", _version(), self.status_line())
+        log.info("pgherd %s: %s", __version__, self.status_line())
         self.notifier.ready(self.status_line())
         return True
 
@@ -414,11 +415,6 @@ class Supervisor:
         while True:
             self.notifier.watchdog()
             await trio.sleep(self.notifier.watchdog_interval)
-
-
-def _version() -> str:
-    from pgherd import __version__
-    return __version__
 
 
 def run_supervisor(config, load_again) -> int:

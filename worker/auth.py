@@ -46,6 +46,14 @@ def verifier_for(password: str | None, password_hash: str | None) -> ScramVerifi
     return v
 
 
+def admin_disabled() -> E.PgError:
+    """The admin console refuses everyone while no [admin] password is configured."""
+    return E.PgError(E.INVALID_AUTHORIZATION,
+                     "the admin console is disabled: no [admin] password is configured",
+                     hint="set [admin] password (and user) in pgherd.toml, then RELOAD or restart",
+                     fatal=True)
+
+
 def auth_failed(user: str) -> E.PgError:
     return E.PgError(E.INVALID_PASSWORD, f'password authentication failed for user "{user}"', fatal=True)
 

@@ -26,11 +26,10 @@ from pgherd.shared.pgconn import ServerError, send_cancel
 from pgherd.shared.wire import errors as E
 from pgherd.shared.wire import messages as M
 from pgherd.shared.wire import protocol as P
-from pgherd.shared.wire.framing import HEADER, STARTUP_HEADER, startup_length
+from pgherd.shared.wire.framing import HEADER, STARTUP_HEADER, iter_messages, startup_length
 
 from . import auth, pubsub
 from .admin import serve_admin
-from .context import admin_login_error
 from .pool import Pool, sync_params
 from .prepared import (A_BIND, A_CLOSE, A_DESCRIBE_P, A_DESCRIBE_S, A_EXECUTE, A_FUNCTION, A_PARSE,
                        A_QUERY, A_SYNC, A_SYNTH, Action, read_name, rename_bind, take_synth)
@@ -62,7 +61,9 @@ _TRACKED_WHOLE = frozenset([P.B_ERROR_RESPONSE, P.B_PARSE_COMPLETE, P.B_BIND_COM
 _ASYNC_REPLIES = frozenset([P.B_NOTICE_RESPONSE, P.B_NOTIFICATION_RESPONSE, P.B_PARAMETER_STATUS])
 _EXECUTE_END = frozenset([P.B_COMMAND_COMPLETE, P.B_EMPTY_QUERY_RESPONSE, P.B_PORTAL_SUSPENDED])
 _DEALLOCATE = re.compile(r"^\s*deallocate\s+(?:prepare\s+)?(\"[^\"]+\"|[A-Za-z_][A-Za-z0-9_$]*)\s*;?\s*$", re.I)
-_LISTEN_HINT = re.compile(rb"listen", re.I)
+_LISTEN_START = re.compile(rb"\s*(?:un)?listen\s", re.I)
+# A query that may be nothing but SET/RESET (checked at its start, so SELECTs fail fast).
+_LONE_SET = re.compile(rb"\s*(?:re)?set\s", re.I)
 # prepared_statements = "full": SQL-level PREPARE / EXECUTE of one statement.
 _SQL_NAME = r'("(?:[^"]|"")+"|[A-Za-z_][A-Za-z0-9_$]*)'
 _SQL_PREPARE = re.compile(r"^\s*prepare\s+" + _SQL_NAME + r"\s*(\([^)]*\))?\s+as\s+(.+?)\s*;?\s*$", re.I | re.S)
@@ -342,7 +343,7 @@ class ClientSession:
     async def _admin_login(self, user: str) -> None:
         admin = self.ctx.config.admin
         if not admin.password:
-            raise admin_login_error()
+            raise auth.admin_disabled()
         user_cfg = SimpleNamespace(password=admin.password, password_hash=None) if user == admin.user else None
         await auth.authenticate(self, user, user_cfg, self.ctx.auth_type)
         self.mode = "admin"
@@ -469,8 +470,8 @@ class ClientSession:
             if t == P.F_TERMINATE:
                 return p, True
             if t in _RFQ_TYPES:
-                if t == P.F_QUERY and end >= p + 1 + length:
-                    t = self._note_changes(t, buf[p + 5:p + length], False)
+                if t == P.F_QUERY and end >= p + 1 + length and HINT.search(buf, p + 5, p + length):
+                    t = self._note_changes(t, buf[p + 5:p + length])
                 elif t == P.F_SYNC and self.pending_parse_changes:
                     t = self._settle_parse_changes(t)
                 srv.expect.append(t)
@@ -479,8 +480,8 @@ class ClientSession:
                 srv.unsynced = False
             elif t in _EXTENDED_TYPES:
                 srv.unsynced = True
-                if t == P.F_PARSE and end >= p + 1 + length:
-                    self._note_parse(buf[p + 5:p + 1 + length])
+                if t == P.F_PARSE and end >= p + 1 + length and HINT.search(buf, p + 5, p + 1 + length):
+                    self._note_parse(M.read_parse(buf[p + 5:p + 1 + length]).query)
             elif t == P.F_COPY_DONE or t == P.F_COPY_FAIL:
                 if srv.copy_in:
                     srv.copy_in = False
@@ -516,14 +517,12 @@ class ClientSession:
         call (pgbench -M prepared uses PQprepare) would otherwise stall while every
         server is busy with another of their connections.
         """
-        buf, end, p = self.buf, self.end, 0
+        messages = self._whole_messages()
+        if not messages:
+            return False
         plan: list[tuple[int, object]] = []
-        while end - p >= 5:
-            t, length = _unpack_hdr(buf, p)
-            stop = p + 1 + length
-            if length < 4 or stop > end or length > P.MAX_STARTUP_PACKET:
-                return False
-            body = bytes(buf[p + 5:stop])
+        for t, b0, b1 in messages:
+            body = bytes(self.buf[b0:b1])
             try:
                 if t == P.F_PARSE:
                     msg = M.read_parse(body)
@@ -542,9 +541,6 @@ class ClientSession:
                     return False
             except ValueError:
                 return False
-            p = stop
-        if p != end or not plan:
-            return False
         out = []
         for t, arg in plan:
             if t == P.F_PARSE:
@@ -631,7 +627,8 @@ class ClientSession:
                 self._tracked_query(srv, body, raw, out)
             elif t == P.F_PARSE:
                 msg = M.read_parse(body)
-                self._note_parse(body)
+                if HINT.search(body):
+                    self._note_parse(msg.query)
                 if not msg.name:
                     out.append(raw)
                     acts.append(Action(A_PARSE))
@@ -707,7 +704,7 @@ class ClientSession:
             srv.statements.clear()
         out.append(raw)
         acts.append(Action(A_QUERY))
-        srv.expect.append(self._note_changes(P.F_QUERY, body[:-1], False))
+        srv.expect.append(self._note_changes(P.F_QUERY, body[:-1]) if HINT.search(body) else P.F_QUERY)
 
     def _global(self, client_name: str) -> str | None:
         """The live global name for one of the client's statements (None if unknown)."""
@@ -834,32 +831,41 @@ class ClientSession:
             self.statements.pop(action.client_name, None)
             self.sql_statements.pop(action.client_name, None)
 
+    def _whole_messages(self) -> list[tuple[int, int, int]] | None:
+        """(type, body start, body end) of every message in the buffer, or None unless the
+        buffer holds only whole, well-formed client messages."""
+        if self.skip:
+            return None
+        out, last = [], 0
+        try:
+            for t, b0, b1 in iter_messages(self.buf, 0, self.end, self.ctx.max_message_size):
+                if t not in _VALID_REQUEST_TYPES:
+                    return None
+                out.append((t, b0, b1))
+                last = b1
+        except E.ProtocolViolation:
+            return None
+        return out if last == self.end else None
+
     def _opens_transaction(self) -> bool:
         """Statement mode: does a complete Query or Parse in the buffer open a transaction?"""
-        p, buf = 0, self.buf
-        if self.skip:
-            return False
-        while self.end - p >= 5:
-            t, length = _unpack_hdr(buf, p)
-            stop = p + 1 + length
-            if length < 4 or stop > self.end:
-                return False
-            if t == P.F_QUERY:
-                sql = M.read_query(buf[p + 5:stop])
-            elif t == P.F_PARSE:
-                sql = M.read_parse(buf[p + 5:stop]).query
-            else:
-                sql = None
-            if sql is not None and starts_transaction(sql):
-                return True
-            p = stop
+        buf = self.buf
+        try:
+            for t, b0, b1 in iter_messages(buf, 0, self.end, self.ctx.max_message_size):
+                if t == P.F_QUERY and starts_transaction(M.read_query(buf[b0:b1])):
+                    return True
+                if t == P.F_PARSE and starts_transaction(M.read_parse(buf[b0:b1]).query):
+                    return True
+        except (E.ProtocolViolation, ValueError):
+            pass  # the scan that follows reports malformed input
         return False
 
     # ---------------------------------------------------------------- session state
-    def _note_changes(self, t: int, sql_bytes, extended: bool) -> int:
-        """If a Query changes session state, queue the changes for its ReadyForQuery."""
-        if not HINT.search(sql_bytes):
-            return t
+    def _note_changes(self, t: int, sql_bytes) -> int:
+        """If a Query changes session state, queue the changes for its ReadyForQuery.
+
+        Callers check router.settings.HINT first, so most queries never get here.
+        """
         changes, _ = analyze(bytes(sql_bytes).decode("utf-8", "replace"))
         if not changes:
             return t
@@ -868,15 +874,11 @@ class ClientSession:
         self.change_queue.append(changes)
         return t | SETTLES
 
-    def _note_parse(self, body) -> None:
+    def _note_parse(self, query: str) -> None:
         """A Parse of a statement that changes session state settles at the next Sync."""
-        end = bytes(body[:200]).find(b"\0")
-        rest = bytes(body[end + 1:]) if end >= 0 else b""
-        q_end = rest.find(b"\0")
-        if q_end > 0 and HINT.search(rest[:q_end]):
-            changes, _ = analyze(rest[:q_end].decode("utf-8", "replace"))
-            if changes:
-                self.pending_parse_changes += changes
+        changes, _ = analyze(query)
+        if changes:
+            self.pending_parse_changes += changes
 
     def _settle_parse_changes(self, t: int) -> int:
         if not self.change_queue and self.tx_backup is None:
@@ -963,7 +965,7 @@ class ClientSession:
         if end < 5 or self.skip:
             return False
         t, length = _unpack_hdr(buf, 0)
-        if t != P.F_QUERY or length + 1 != end or not HINT.search(buf[5:end - 1]):
+        if t != P.F_QUERY or length + 1 != end or not _LONE_SET.match(buf, 5):
             return False
         changes, only_set = analyze(bytes(buf[5:end - 1]).decode("utf-8", "replace"))
         valid = self.pool.validated_settings
@@ -1006,7 +1008,7 @@ class ClientSession:
         if self.skip or end < 6:
             return False
         t, length = _unpack_hdr(buf, 0)
-        if t != P.F_QUERY or length + 1 != end or not _LISTEN_HINT.search(buf[5:16]):
+        if t != P.F_QUERY or length + 1 != end or not _LISTEN_START.match(buf, 5):
             return False
         parsed = pubsub.parse(bytes(buf[5:end - 1]).decode("utf-8", "replace"))
         if parsed is None:
@@ -1329,23 +1331,11 @@ class ClientSession:
 
     async def _fail_request(self, exc: E.PgError) -> None:
         """Answer every request in the buffer with exc; keep the client if we can stay in sync."""
-        count = 0
-        p, buf = 0, self.buf
-        complete = self.skip == 0
-        while complete and self.end - p >= 5:
-            t, length = _unpack_hdr(buf, p)
-            if t not in _VALID_REQUEST_TYPES or length < 4:
-                complete = False
-                break
-            if t in (P.F_COPY_DATA, P.F_COPY_DONE, P.F_COPY_FAIL):
-                complete = False
-                break
-            if t in _RFQ_TYPES:
-                count += 1
-            p += 1 + length
-        if not complete or p != self.end:
+        messages = self._whole_messages()
+        if messages is None or any(t in (P.F_COPY_DATA, P.F_COPY_DONE, P.F_COPY_FAIL) for t, _, _ in messages):
             exc.fatal = True
             raise exc
+        count = sum(1 for t, _, _ in messages if t in _RFQ_TYPES)
         self.end = 0
         out = []
         for _ in range(count):

@@ -10,7 +10,6 @@ import trio
 
 from pgherd.shared import tls
 from pgherd.shared.backend_key import PID_COUNTER_MASK, make_pid, pid_owner
-from pgherd.shared.wire import errors as E
 from pgherd.shared.wire import protocol as P
 
 from .pool import Pool, PoolSettings
@@ -226,9 +225,3 @@ def _seconds(ms: int) -> float | None:
     """A millisecond timeout in seconds, or None for 0 / PgDog's "disabled" value."""
     return None if not ms or ms >= 2**62 else ms / 1000
 
-
-def admin_login_error() -> E.PgError:
-    return E.PgError(E.INVALID_AUTHORIZATION,
-                     "the admin console is disabled: no [admin] password is configured",
-                     hint="set [admin] password (and user) in pgherd.toml, then RELOAD or restart",
-                     fatal=True)

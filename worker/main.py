@@ -112,11 +112,6 @@ def _handler(ctx: WorkerContext):
     return handle
 
 
-def run_worker(config, index: int = 0) -> None:
-    """Serve in this process without a supervisor (tests and embedding)."""
-    trio.run(serve, config, index)
-
-
 async def _watch_parent(link, parent: int) -> None:
     while os.getppid() == parent:
         await trio.sleep(PARENT_CHECK_INTERVAL)

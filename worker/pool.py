@@ -100,14 +100,20 @@ class Pool:
 
     # ------------------------------------------------------------ checkout
     def try_checkout(self) -> ServerConn | None:
-        """An idle server ready for use right now, without awaiting (the common case)."""
+        """An idle server ready for use right now, without awaiting (the common case).
+
+        None when the pool has no idle server, or the next one has been idle longer
+        than healthcheck_interval and must be checked first (checkout does that).
+        """
         now = trio.current_time()
         while self.idle:
-            srv = self.idle[-1]
+            srv = self.idle[-1]  # LIFO: the most recently used connection is warmest
             if now - srv.last_used > self.settings.healthcheck_interval:
-                return None  # needs a health check: the async path does it
+                return None
             self.idle.pop()
             if self._expired(srv) or not srv.looks_alive():
+                # Dead while idle (e.g. Postgres restarted and sent FATAL): a fresh
+                # connection replaces it and the client never sees the dead one.
                 self._discard(srv)
                 continue
             self.active += 1
@@ -117,21 +123,17 @@ class Pool:
     async def checkout(self) -> ServerConn:
         """A server for a client: idle one, new one, or wait (FIFO) up to checkout_timeout."""
         while self.idle:
-            srv = self.idle.pop()  # LIFO: the most recently used connection is warmest
-            if self._expired(srv) or not srv.looks_alive():
-                # Dead while idle (e.g. Postgres restarted and sent FATAL): a fresh
-                # connection replaces it and the client never sees the dead one.
-                self._discard(srv)
-                continue
-            if trio.current_time() - srv.last_used > self.settings.healthcheck_interval:
-                self.active += 1
-                if not await self._healthy(srv):
-                    self.active -= 1
-                    self._discard(srv)
-                    continue
+            srv = self.try_checkout()
+            if srv is not None:
                 return srv
+            if not self.idle:
+                break
+            srv = self.idle.pop()  # idle past healthcheck_interval: check it with ';'
             self.active += 1
-            return srv
+            if await self._healthy(srv):
+                return srv
+            self.active -= 1
+            self._discard(srv)
         if self.total < self.settings.pool_size and not self.waiters:
             self.total += 1
             return await self._open_for_checkout()
