@@ -34,6 +34,7 @@ from .pool import Pool, sync_params
 from .prepared import (A_BIND, A_CLOSE, A_DESCRIBE_P, A_DESCRIBE_S, A_EXECUTE, A_FUNCTION, A_PARSE,
                        A_QUERY, A_SYNC, A_SYNTH, Action, read_name, rename_bind, take_synth)
 from .server import COPY_END, SETTLES, ServerConn
+from .sharded import ShardedRelay
 
 log = logging.getLogger("pgherd.client")
 
@@ -75,6 +76,8 @@ _RFQ_TYPES = frozenset([P.F_QUERY, P.F_SYNC, P.F_FUNCTION_CALL])
 _EXTENDED_TYPES = frozenset([P.F_PARSE, P.F_BIND, P.F_DESCRIBE, P.F_EXECUTE, P.F_CLOSE])
 _VALID_REQUEST_TYPES = P.FRONTEND_TYPES - {P.F_PASSWORD}
 _unpack_hdr = HEADER.unpack_from
+# Connection errors that mean the host is down or going down: ban it and use another.
+_HOST_DOWN = frozenset([E.CONNECTION_FAILURE, E.ADMIN_SHUTDOWN, E.CANNOT_CONNECT_NOW, "57P02", "08001"])
 
 
 def _bad_header(t: int, length: int, max_size: int) -> None:
@@ -122,7 +125,9 @@ class ClientSession:
         self.user = ""
         self.database = ""
         self.settings: dict[str, str] = {}  # lower-case GUC name -> value
-        self.pool: Pool | None = None
+        self.pool: Pool | None = None  # the pool of the attached server, else the cluster's main pool
+        self.cluster = None  # worker/cluster.Cluster of this login
+        self.sharded: ShardedRelay | None = None  # the relay of a sharded database's client
         self.server: ServerConn | None = None
         self.pid = 0
         self.secret = 0
@@ -157,6 +162,12 @@ class ClientSession:
         self.channels: set[str] = set()
         self.notify_queue: list[bytes] = []
         self._idle_scope: trio.CancelScope | None = None
+        # Load balancing: a BEGIN held until the next statement picks the host ("rw" / "ro").
+        self.begun: str | None = None
+        self.begin_sql = ""
+        # SET pgherd.role / pgdog.role (or the startup option): "primary", "replica" or "auto".
+        self.role_override: str | None = None
+        self.startup_role: str | None = None
 
     # ================================================================ I/O helpers
     async def send(self, data: bytes) -> None:
@@ -240,8 +251,8 @@ class ClientSession:
         self.state = "closing"
         if self.pid:
             self.ctx.clients.pop(self.pid, None)
-        if self.channels and self.ctx.pubsub is not None and self.pool is not None:
-            self.ctx.pubsub.for_pool(self.pool).forget(self)
+        if self.channels and self.ctx.pubsub is not None and self.cluster is not None:
+            self.ctx.pubsub.for_pool(self.cluster.main).forget(self)
         srv, self.server = self.server, None
         if srv is not None:
             # Shielded: even a cancelled session (shutdown) must return its server.
@@ -316,15 +327,18 @@ class ClientSession:
             settings.update(parse_options(params["options"]))
         self.settings = settings
         self.startup = dict(settings)
+        self.startup_params = params
+        self.startup_role = self.role_override = settings.get("pgherd.role") or settings.get("pgdog.role")
 
         if self.database == self.ctx.config.admin.name:
             await self._admin_login(user)
             return
-        user_cfg, pool = self.ctx.lookup(user, self.database)
+        user_cfg, cluster = self.ctx.lookup(user, self.database)
         await auth.authenticate(self, user, user_cfg, self.ctx.auth_type)
-        if pool is None:
+        if cluster is None:
             raise auth.auth_failed(user)
-        self.pool = pool
+        self.cluster = cluster
+        self.pool = pool = cluster.main
         self.mode = pool.settings.pooler_mode
         await self.send(M.auth_ok())
 
@@ -359,6 +373,10 @@ class ClientSession:
 
     # ================================================================ relay
     async def _relay(self) -> None:
+        if self.cluster is not None and self.cluster.sharded:
+            self.sharded = ShardedRelay(self)
+            await self.sharded.run()
+            raise ClientGone()
         while True:
             try:
                 await self._relay_loop()
@@ -396,10 +414,11 @@ class ClientSession:
                     continue  # not even one header yet
                 if self.skip == 0 and self.buf[0] == P.F_TERMINATE:
                     raise ClientGone()
-                if self.ctx.rewrite_prepared and self.mode != "session" and await self._answer_locally():
-                    continue
-                if self.mode != "session" and await self._answer_set_locally():
-                    continue
+                if self.begun is None and self.mode != "session":
+                    if self.ctx.rewrite_prepared and await self._answer_locally():
+                        continue
+                    if await self._answer_set_locally():
+                        continue
                 try:
                     attached = await self._attach()
                 except _Answered:
@@ -1015,7 +1034,7 @@ class ClientSession:
             return False
         verb, channel = parsed
         self.end = 0
-        listener = self.ctx.pubsub.for_pool(self.pool)
+        listener = self.ctx.pubsub.for_pool(self.cluster.main)
         try:
             if verb == "listen":
                 await listener.listen(self, channel)
@@ -1272,41 +1291,194 @@ class ClientSession:
         and stays connected, or is disconnected if the request is incomplete.
         """
         ctx = self.ctx
+        if self.cluster.replicated:
+            return await self._attach_balanced()
         srv = None
         if not (ctx.paused or ctx.maintenance) and not self.pool.closed:
             srv = self.pool.try_checkout()  # an idle server at hand: no waiting, no scope
         if srv is None:
-            self.state = "waiting"
+            srv = await self._wait_for_server()
+            if srv is None:
+                return False
+        return await self._prepare_server(srv)
+
+    async def _wait_for_server(self) -> ServerConn | None:
+        """_checkout inside a scope a CancelRequest can cancel; None (answered) if cancelled."""
+        self.state = "waiting"
+        try:
             with trio.CancelScope() as self._wait_scope:
                 srv = await self._checkout()
+        finally:
             self._wait_scope = None
         if srv is None:
             # Cancelled while waiting: the request never reached a server.
             self.state = "active"
             await self._fail_request(E.PgError(E.QUERY_CANCELED, "canceling statement due to user request"))
-            return False
-        return await self._prepare_server(srv)
+        return srv
 
     async def _checkout(self) -> ServerConn | None:
         """Wait for the gates and a server of the client's pool (None if cancelled)."""
         ctx = self.ctx
         if ctx.paused or ctx.maintenance:
             await ctx.wait_gate(self.database)
-        pool = self.pool
-        if pool.closed:
-            # The configuration was reloaded: use the pool that now serves this login.
-            _, pool = ctx.lookup(self.user, self.database)
-            if pool is None:
+        if self.cluster.closed:
+            # The configuration was reloaded: use the pools that now serve this login.
+            _, cluster = ctx.lookup(self.user, self.database)
+            if cluster is None:
                 raise E.PgError(E.INVALID_CATALOG_NAME,
                                 f'database "{self.database}" is no longer served for user "{self.user}"',
                                 fatal=True)
-            self.pool = pool
+            self.cluster = cluster
+            self.pool = cluster.main if not cluster.replicated else self._balanced_pool(cluster)
         try:
-            return await pool.checkout()
+            return await self.pool.checkout()
         except E.PgError as exc:
             self.state = "active"
+            if self.cluster.replicated and exc.code in _HOST_DOWN:
+                raise  # _attach_balanced bans the host and tries another
             await self._fail_request(exc)
             raise _Answered() from None
+
+    # ---------------------------------------------------------------- load balancing (worker/cluster.py)
+    async def _attach_balanced(self) -> bool:
+        """Pick the host for this request (primary for writes, a replica for reads), then a server.
+
+        A host whose connections fail is banned (here at once, everywhere via the supervisor)
+        and a read moves on to the next host without the client seeing an error.
+        """
+        if await self._answer_begin_locally():
+            return False
+        read = self._reads_only()
+        begin = self._take_begin()
+        shard = self.cluster.shards[0]
+        tried: list = []
+        while True:
+            pool = shard.pick_read(tried) if read else (shard.primary() or shard.pools[0])
+            self.pool = pool
+            try:
+                srv = None
+                if not (self.ctx.paused or self.ctx.maintenance):
+                    srv = pool.try_checkout()
+                if srv is None:
+                    srv = await self._wait_for_server()
+                    if srv is None:
+                        return False
+            except E.PgError as exc:
+                self.ctx.health.fail(pool.key, exc.message)
+                tried.append(pool)
+                if read and len(tried) < len(shard.pools):
+                    continue
+                await self._fail_request(exc)
+                return False
+            break
+        if not await self._prepare_server(srv):
+            return False
+        if begin:
+            try:
+                await srv.conn.simple_query(begin)
+                srv.tx = srv.conn.tx_status
+            except ServerError as exc:
+                self._maybe_release()
+                await self._fail_request(E.PgError(exc.code, exc.fields.get("M", str(exc))))
+                return False
+            except (net.PeerClosed, OSError):
+                await self._server_lost(srv)
+        return True
+
+    def _balanced_pool(self, cluster):
+        shard = cluster.shards[0]
+        return shard.primary() or shard.pools[0]
+
+    def _head_query(self) -> str | None:
+        """The SQL of the request at the head of the buffer (Query, Parse, or Bind of a known statement)."""
+        if self.end < 5 or self.skip:
+            return None
+        t, length = _unpack_hdr(self.buf, 0)
+        if self.end < length + 1:
+            return None  # a long message still arriving: treat as a write
+        if t == P.F_QUERY:
+            return bytes(self.buf[5:length]).decode("utf-8", "replace")
+        if t == P.F_PARSE:
+            return M.read_parse(self.view[5:length + 1]).query
+        if t == P.F_BIND:
+            name = M.read_bind(self.view[5:length + 1]).statement
+            glob = self.statements.get(name)
+            return self.ctx.statements.query(glob) if glob else None
+        return None
+
+    def _reads_only(self) -> bool:
+        """Whether this request (and, inside a deferred transaction, its transaction) may use a replica."""
+        wanted = self.role_override
+        if self.mode == "session":
+            return wanted == "replica"
+        sql = self._head_query()
+        rw = self.ctx.rw.classify(sql) if sql is not None else None
+        if rw is not None and rw.role in ("primary", "replica"):
+            return rw.role == "replica"
+        if wanted in ("primary", "replica"):
+            return wanted == "replica"
+        if rw is None:
+            return False
+        if self.begun is not None:
+            # The first statement after a held BEGIN decides the transaction's host.
+            if self.begun == "ro" or rw.set_tx_read_only:
+                return True
+            return self.ctx.rw_aggressive and not rw.write and rw.begin is None
+        if rw.begin is not None:
+            return not rw.write and (rw.begin == "ro" or rw.set_tx_read_only)
+        return not rw.write
+
+    async def _answer_begin_locally(self) -> bool:
+        """Statements the load balancer answers itself; True when answered.
+
+        BEGIN is held until the next statement shows whether the transaction only reads: a lone
+        BEGIN is answered by pgherd and remembered, and COMMIT or ROLLBACK of a transaction that
+        never reached a server is answered too. SET / RESET pgherd.role (pgdog.role) changes the
+        client's role override. Both as a simple Query, or an unnamed Parse/Bind/Execute/Sync.
+        """
+        if self.mode == "session" or self.end < 5:
+            return False
+        messages = self._whole_messages()
+        if not messages:
+            return False
+        types = [t for t, _, _ in messages]
+        if types == [P.F_QUERY]:
+            sql, extended = bytes(self.buf[messages[0][1]:messages[0][2] - 1]).decode("utf-8", "replace"), b""
+        elif types[0] == P.F_PARSE and types[-1] == P.F_SYNC and types[1:-1] in (
+                [P.F_BIND, P.F_EXECUTE], [P.F_BIND, P.F_DESCRIBE, P.F_EXECUTE]):
+            parse = M.read_parse(self.view[messages[0][1]:messages[0][2]])
+            if parse.name or parse.param_types:
+                return False
+            sql = parse.query
+            extended = M.parse_complete() + M.bind_complete() + (M.no_data() if len(types) == 5 else b"")
+        else:
+            return False
+        rw = self.ctx.rw.classify(sql)
+        if rw.set_role is not None and rw.statements == 1:
+            self.role_override = self.startup_role if rw.set_role == "reset" else rw.set_role
+            tag, status = ("RESET" if rw.set_role == "reset" else "SET"), (
+                P.TX_IN_TRANSACTION if self.begun is not None else self._tx_status())
+        elif self.mode != "transaction" or self.server is not None:
+            return False
+        elif self.begun is None and rw.begin is not None and rw.statements == 1:
+            self.begun = rw.begin
+            self.begin_sql = sql
+            tag, status = "BEGIN", P.TX_IN_TRANSACTION
+        elif self.begun is not None and rw.tx_end:
+            word = sql.split(None, 1)[0].rstrip(";").upper() if sql.strip() else ""
+            self.begun = None
+            tag, status = ("COMMIT" if word in ("COMMIT", "END") else "ROLLBACK"), P.TX_IDLE
+        else:
+            return False
+        self.end = 0
+        await self.send(extended + M.command_complete(tag) + M.ready_for_query(status))
+        return True
+
+    def _take_begin(self) -> str:
+        if self.begun is None:
+            return ""
+        self.begun = None
+        return self.begin_sql
 
     async def _prepare_server(self, srv: ServerConn) -> bool:
         pool = self.pool
@@ -1350,13 +1522,13 @@ class ClientSession:
             return
         if srv.broken:
             self.server = None
-            self.pool.checkin(srv)
+            srv.pool.checkin(srv)
             return
         if srv.owes_reply() or srv.unsynced or srv.copy_in or srv.skip or self.pinned:
             return
         if srv.tx == P.TX_IDLE:
             self.server = None
-            self.pool.checkin(srv)
+            srv.pool.checkin(srv)
 
     async def _server_lost(self, srv: ServerConn) -> None:
         """The server went away mid-request.
@@ -1369,7 +1541,7 @@ class ClientSession:
         self.server = None
         owed = sum(1 for x in srv.expect if x != COPY_END)
         clean = srv.skip == 0 and srv.conn.rstart == srv.conn.rend and self.skip == 0
-        self.pool.checkin(srv)
+        srv.pool.checkin(srv)
         self.tx_backup = None
         self.change_queue.clear()
         err = E.PgError(E.CONNECTION_FAILURE, "server closed the connection unexpectedly",
@@ -1384,7 +1556,7 @@ class ClientSession:
 
     async def _release_dirty(self, srv: ServerConn) -> None:
         """The client left: bring the server back to idle (rollback) or close it."""
-        pool = self.pool
+        pool = srv.pool
         if srv.broken or self.skip:
             # A message the client left half-sent cannot be completed: close the server.
             srv.broken = True
@@ -1461,9 +1633,10 @@ class ClientSession:
         if self._wait_scope is not None:
             self._wait_scope.cancel()  # still waiting for a server: the query never runs
             return
-        srv = self.server
-        if srv is not None and not srv.broken:
-            await send_cancel(srv.conn.host, srv.conn.port, srv.conn.pid, srv.conn.secret)
+        servers = list(self.sharded.servers.values()) if self.sharded is not None else [self.server]
+        for srv in servers:
+            if srv is not None and not srv.broken:
+                await send_cancel(srv.conn.host, srv.conn.port, srv.conn.pid, srv.conn.secret)
 
 
 def new_secret() -> int:

@@ -8,10 +8,15 @@ import secrets
 
 import trio
 
+from pgherd.router.plan import ShardingPlan
+from pgherd.router.route import Router
+from pgherd.router.rw import ReadWriteClassifier
 from pgherd.shared import tls
+from pgherd.shared.unique_id import generator_for
 from pgherd.shared.backend_key import PID_COUNTER_MASK, make_pid, pid_owner
 from pgherd.shared.wire import protocol as P
 
+from .cluster import Cluster, Health, pool_key
 from .pool import Pool, PoolSettings
 from .prepared import StatementCache
 
@@ -48,7 +53,11 @@ class WorkerContext:
         self.node = node
         self.clients: dict[int, object] = {}
         self._counter = 0
-        self.pools: dict[tuple[str, str], Pool] = {}
+        # Every pool, by (user, database, host key); clusters group them per login.
+        self.pools: dict[tuple[str, str, str], Pool] = {}
+        self.clusters: dict[tuple[str, str], Cluster] = {}
+        self.health = Health(link)
+        self.unique_ids = None  # shared/unique_id.UniqueIdGenerator for pgherd.unique_id()
         self.draining: list[Pool] = []
         self.paused: set[str] = set()
         self.maintenance: set[str] = set()
@@ -86,20 +95,28 @@ class WorkerContext:
         self.client_connection_recovery = g.client_connection_recovery
         limit = g.prepared_statements_limit
         self.prepared_limit = 0 if limit >= 2**62 else int(limit)
-        old, self.pools = self.pools, {}
+        self.health.ban_timeout = g.ban_timeout / 1000
+        # Read/write classification for databases with replicas (router/rw.py).
+        self.rw = ReadWriteClassifier(g.read_write_strategy)
+        self.rw_aggressive = g.read_write_strategy == "aggressive"
+        # Sharded databases: one Router (plan + route cache) per database, made on first use.
+        self.routers: dict[str, Router] = {}
+        if self.unique_ids is None or self.unique_ids.offset != (g.unique_id_min or 0):
+            self.unique_ids = generator_for(config, self.node)
+        old, self.pools, self.clusters = self.pools, {}, {}
         for user in config.users:
             if user.database:
                 self.lookup(user.name, user.database)
+        # Logins seen before (users.databases / all_databases) keep their clusters too.
+        for user_name, database in {key[:2] for key in old}:
+            if (user_name, database) not in self.clusters:
+                self.lookup(user_name, database)
         # Pools whose settings did not change keep their server connections.
         for key, pool in old.items():
             new = self.pools.get(key)
-            if new is None and key[0] in {u.name for u in config.users}:
-                user_cfg = config.find_user(*key)
-                new = self._make_pool(config, user_cfg, key[1]) if user_cfg else None
-                if new is not None:
-                    self.pools[key] = new
-            if new is not None and new.settings == pool.settings and new.shard == pool.shard:
-                self.pools[key] = pool
+            if new is not None and new.settings == pool.settings and new.configured_role == pool.configured_role:
+                pool.weight = new.weight
+                self._replace(key, new, pool)
             else:
                 pool.close_all()  # drains: busy servers close when their client lets go
                 if pool.active:
@@ -117,14 +134,36 @@ class WorkerContext:
         self.apply_config(config)
         log.info("worker %d: configuration reloaded", self.index)
 
-    def _make_pool(self, config, user, database: str) -> Pool | None:
-        g = config.general
-        hosts = config.database_hosts(database)
-        if not hosts:
+    def _replace(self, key, new: Pool, old: Pool) -> None:
+        """Put the surviving pool `old` where the freshly built `new` stands."""
+        self.pools[key] = old
+        cluster = self.clusters.get(key[:2])
+        if cluster is None:
+            return
+        for shard in cluster.shards:
+            shard.pools = [old if p is new else p for p in shard.pools]
+        if cluster.main is new:
+            cluster.main = old
+
+    def _make_cluster(self, config, user, database: str) -> Cluster | None:
+        shards = config.shards(database)
+        if not shards or any(not hosts for hosts in shards):
             return None
-        # One host per database in this slice: the primary of shard 0, else the first.
-        primaries = [d for d in hosts if d.shard == 0 and d.role == "primary"]
-        db = (primaries or hosts)[0]
+        g = config.general
+        pools = []
+        for hosts in shards:
+            pools.append([])
+            for db in hosts:
+                key = (user.name, database, pool_key(db))
+                pool = self.pools.get(key)
+                if pool is None:
+                    pool = self.pools[key] = self._make_pool(config, user, db)
+                pools[-1].append(pool)
+        return Cluster(user.name, database, pools, self.health, g.load_balancing_strategy, g.read_write_split)
+
+    def _make_pool(self, config, user, db) -> Pool:
+        g = config.general
+        database = db.name
         server_user, server_password = config.server_login(user, db)
         settings = PoolSettings(
             host=db.host, port=db.port, database_name=db.database_name or db.name,
@@ -144,20 +183,28 @@ class WorkerContext:
                         g.tls_server_private_key))
         pool = Pool(user.name, database, settings, db.shard, db.role)
         pool.configured_size = config.pool_size(user, db)
+        pool.key = pool_key(db)
+        pool.weight = db.lb_weight
         return pool
 
     def lookup(self, user: str, database: str):
-        """(users.toml entry, pool) for a login; (None, None) when unknown."""
+        """(users.toml entry, cluster) for a login; (None, None) when unknown."""
         user_cfg = self.config.find_user(user, database)
         if user_cfg is None:
             return None, None
-        pool = self.pools.get((user, database))
-        if pool is None:
+        cluster = self.clusters.get((user, database))
+        if cluster is None:
             # users.databases / all_databases: pools for other databases are made on first use.
-            pool = self._make_pool(self.config, user_cfg, database)
-            if pool is not None:
-                self.pools[(user, database)] = pool
-        return user_cfg, pool
+            cluster = self._make_cluster(self.config, user_cfg, database)
+            if cluster is not None:
+                self.clusters[(user, database)] = cluster
+        return user_cfg, cluster
+
+    def router_for(self, database: str) -> Router:
+        router = self.routers.get(database)
+        if router is None:
+            router = self.routers[database] = Router(ShardingPlan.from_config(self.config, database))
+        return router
 
     # ------------------------------------------------------------ pause / maintenance
     def set_state(self, paused: list[str], maintenance: list[str]) -> None:

@@ -64,7 +64,10 @@ class Pool:
         self.database = database
         self.settings = settings
         self.shard = shard
-        self.role = role
+        self.configured_role = role  # "primary" | "replica" | "auto" (config)
+        self.role = "replica" if role == "auto" else role  # the role now (worker/cluster.py keeps it current)
+        self.key = f"{database}/{shard}/{settings.host}:{settings.port}"  # shared/hosts.host_key
+        self.weight = 255  # lb_weight
         self.idle: deque[ServerConn] = deque()
         self.waiters: deque[_Waiter] = deque()
         self.total = 0  # open + opening connections

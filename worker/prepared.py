@@ -124,6 +124,13 @@ class StatementCache:
     def parse_message(self, name: str) -> bytes:
         return self._parse[name]
 
+    def query(self, name: str) -> str | None:
+        """The query text of a global statement (None for SQL PREPAREs and unknown names)."""
+        for key, current in self._by_key.items():
+            if current == name:
+                return key[0] if len(key) == 2 else None
+        return None
+
     def __len__(self) -> int:
         return len(self._by_key)
 

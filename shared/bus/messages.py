@@ -60,12 +60,33 @@ class CancelForward(Msg):
     secret: int
 
 
+class HostFailed(Msg):
+    """A worker could not connect to (or lost) a host: ban it in every worker."""
+    type: Literal["host_failed"] = "host_failed"
+    key: str  # shared/hosts.host_key
+    reason: str
+
+
 class Collected(Msg):
     """A worker's answer to Collect: its snapshot of pools, clients, servers, stats."""
     type: Literal["collected"] = "collected"
     req: int
     index: int
     data: dict[str, Any]
+
+
+class HostInfo(BaseModel):
+    """What the supervisor's monitor knows about one host (one [[databases]] entry)."""
+    key: str  # shared/hosts.host_key
+    role: str  # "primary" or "replica": the configured role, or the detected one for role = "auto"
+    banned: bool = False
+    ban_reason: str | None = None
+    banned_until: float | None = None  # wall-clock seconds
+    healthy: bool = True
+    in_recovery: bool | None = None
+    lsn: int | None = None  # bytes, from pg_current_wal_lsn() / pg_last_wal_replay_lsn()
+    lag_bytes: int | None = None
+    lag_ms: float | None = None
 
 
 # ---------------------------------------------------------------- supervisor -> worker
@@ -79,6 +100,7 @@ class Welcome(Msg):
     not_before_ms: int = 0  # unique_id(): do not issue ids at or before this millisecond
     paused: list[str] = []
     maintenance: list[str] = []
+    hosts: list[HostInfo] = []
 
 
 class AdminReply(Msg):
@@ -122,6 +144,12 @@ class Shutdown(Msg):
     type: Literal["shutdown"] = "shutdown"
 
 
+class HostStates(Msg):
+    """Broadcast: every monitored host's role and ban state (sent whenever one changes)."""
+    type: Literal["hosts"] = "hosts"
+    hosts: list[HostInfo] = []
+
+
 class CancelDeliver(Msg):
     """To the owning worker: cancel the query of client `pid` if the secret matches."""
     type: Literal["cancel_deliver"] = "cancel_deliver"
@@ -132,7 +160,8 @@ class CancelDeliver(Msg):
 _TYPES: dict[str, type[Msg]] = {
     cls.model_fields["type"].default: cls
     for cls in (Hello, Ready, StartFailed, AdminCommand, CancelForward, Collected, Welcome,
-                AdminReply, Collect, ConfigUpdate, State, Reconnect, Shutdown, CancelDeliver)
+                AdminReply, Collect, ConfigUpdate, State, Reconnect, Shutdown, CancelDeliver,
+                HostFailed, HostStates)
 }
 
 

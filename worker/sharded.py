@@ -1,0 +1,834 @@
+"""The relay for sharded databases: route each statement, fan out, combine the replies.
+
+A client of a database with several shards talks to pgherd as to one Postgres. pgherd reads
+whole messages, asks router/route.py where each statement goes, and acts as the extended-query
+server itself: it keeps the client's prepared statements (name -> text) and, for each Bind,
+sends Parse (unnamed) + Bind + Describe + Execute to the shards the route names, ending with
+Sync. Replies are combined ("Message Flow" in the protocol chapter):
+- one RowDescription / CopyOutResponse (the first shard's), every shard's DataRows as they come;
+- one CommandComplete whose row count is the sum (UPDATE 7 = 3 + 4);
+- the first ErrorResponse, after which the rest of the request is drained and dropped;
+- one ReadyForQuery whose status combines the shards' (E over T over I).
+
+Transactions: BEGIN is answered by pgherd and run on each shard when the transaction first
+touches it (with the SAVEPOINTs made so far); COMMIT / ROLLBACK go to every shard it touched.
+A write outside a transaction that reaches several shards runs inside BEGIN/COMMIT on each, so
+an error on one shard rolls back the others, as Postgres rolls back a failed implicit transaction.
+"""
+
+from __future__ import annotations
+
+import logging
+import re
+
+import trio
+
+from pgherd.router.parse import ParseError, parse_statements
+from pgherd.router.route import Bind
+from pgherd.router.session import RoutingSession
+from pgherd.router.settings import analyze as session_analyze
+from pgherd.shared import net
+from pgherd.shared.pgconn import ServerError
+from pgherd.shared.wire import errors as E
+from pgherd.shared.wire import messages as M
+from pgherd.shared.wire import protocol as P
+
+from .pool import sync_params
+
+log = logging.getLogger("pgherd.sharded")
+
+# Replies to the client are written in batches of about this size: large results stream out
+# with few syscalls and bounded memory.
+OUT_FLUSH_BYTES = 64 * 1024
+# Messages that end one statement's reply ("Extended Query": Execute ends with one of these).
+_UNIT_END = frozenset([P.B_COMMAND_COMPLETE, P.B_EMPTY_QUERY_RESPONSE, P.B_PORTAL_SUSPENDED,
+                       P.B_ERROR_RESPONSE, P.B_READY_FOR_QUERY])
+# Command tags whose last word is a row count to sum across shards.
+_COUNTED_TAGS = frozenset(["INSERT", "UPDATE", "DELETE", "SELECT", "COPY", "MERGE", "FETCH", "MOVE"])
+# Data writes that run inside BEGIN/COMMIT on each shard when they reach several shards.
+_WRITE_KINDS = frozenset(["insert", "update", "delete", "merge"])
+_UNIQUE_ID_CALL = re.compile(r'"?pg(?:herd|dog)"?\s*\.\s*"?unique_id"?\s*\(\s*\)', re.I)
+_TEXT, _INT8 = 25, 20  # type OIDs of SHOW pgherd.* columns
+_IN_FAILED_TX = "current transaction is aborted, commands ignored until end of transaction block"
+
+
+class _Unit:
+    """One step of an extended-protocol request: where it goes, what to send, which replies come back."""
+
+    __slots__ = ("shards", "messages", "local", "local_route", "sync", "parse", "bind", "describe", "execute",
+                 "kind")
+
+    def __init__(self, shards=(), messages=b"", local=b"", local_route=None, sync=False, parse=False,
+                 bind=False, describe=None, execute=False) -> None:
+        self.shards = shards
+        self.messages = messages
+        self.local = local  # replies pgherd gives itself (ParseComplete, CloseComplete, an error)
+        self.local_route = local_route  # (route, sql, executes, describe) of a statement pgherd answers
+        self.sync = sync
+        self.parse = parse  # replies expected: ParseComplete (pgherd's own Parse: dropped),
+        self.bind = bind  # BindComplete,
+        self.describe = describe  # "S": ParameterDescription + RowDescription/NoData; "P": RowDescription/NoData
+        self.execute = execute  # rows and CommandComplete / EmptyQueryResponse / PortalSuspended
+        self.kind = ""
+
+
+def sum_tags(tags: list[str]) -> str:
+    """One command tag for several shards' tags of the same statement (row counts added)."""
+    first = tags[0]
+    words = first.split()
+    if len(words) < 2 or words[0] not in _COUNTED_TAGS or not words[-1].isdigit():
+        return first
+    total = 0
+    for tag in tags:
+        last = tag.rsplit(None, 1)[-1]
+        total += int(last) if last.isdigit() else 0
+    return " ".join(words[:-1] + [str(total)])
+
+
+class ShardedRelay:
+    """Serves one client of a sharded database until it leaves."""
+
+    def __init__(self, client) -> None:
+        self.c = client
+        self.ctx = client.ctx
+        self.cluster = client.cluster
+        self.router = self.ctx.router_for(client.database)
+        self.shard_count = len(self.cluster.shards)
+        self.session = RoutingSession.from_startup_options(client.startup_params)
+        self.statements: dict[str, tuple[str, list[int]]] = {}
+        self.portals: dict[str, _Portal] = {}
+        self.servers: dict[int, object] = {}  # shard -> ServerConn held by this client
+        self.in_tx = False
+        self.tx_failed = False
+        self.prelude: list[str] = []  # BEGIN and SAVEPOINTs, for shards joining the transaction
+        self.out: list[bytes] = []
+        self.out_size = 0
+        self.batch: list[tuple[int, bytes]] = []
+        self.batch_failed = False  # an error in this extended batch: skip to Sync
+        self.rr = client.pid  # round robin over shards for any-one reads, per client start
+        self.sticky: int | None = None
+        self.copy_out = False
+
+    # ================================================================ output
+    def emit(self, data: bytes) -> None:
+        self.out.append(data)
+        self.out_size += len(data)
+
+    async def flush(self, force: bool = True) -> None:
+        if self.out and (force or self.out_size >= OUT_FLUSH_BYTES):
+            data = b"".join(self.out)
+            self.out.clear()
+            self.out_size = 0
+            await self.c.send(data)
+
+    def status(self) -> int:
+        if not self.in_tx:
+            return P.TX_IDLE
+        return P.TX_FAILED if self.tx_failed else P.TX_IN_TRANSACTION
+
+    def error(self, exc: E.PgError) -> None:
+        self.emit(exc.to_bytes())
+
+    # ================================================================ main loop
+    async def run(self) -> None:
+        c = self.c
+        limit = self.ctx.max_message_size
+        try:
+            while True:
+                await self.flush()
+                t, body = await c.read_message(limit)
+                c.pool.received += len(body) + 5
+                if t == P.F_TERMINATE:
+                    return
+                if t == P.F_QUERY:
+                    await self.simple(body)
+                elif t in (P.F_PARSE, P.F_BIND, P.F_DESCRIBE, P.F_EXECUTE, P.F_CLOSE):
+                    self.batch.append((t, body))
+                elif t == P.F_SYNC or t == P.F_FLUSH:
+                    self.batch.append((t, body))
+                    await self.extended()
+                elif t == P.F_FUNCTION_CALL:
+                    self.error(E.PgError(E.FEATURE_NOT_SUPPORTED,
+                                         "the function call protocol is not supported on a sharded database"))
+                    self.emit(M.ready_for_query(self.status()))
+                elif t in (P.F_COPY_DATA, P.F_COPY_DONE, P.F_COPY_FAIL):
+                    pass  # COPY messages outside COPY are ignored, as Postgres does after an error
+                else:
+                    raise E.ProtocolViolation(f"invalid frontend message type {t}")
+        finally:
+            await self.release_all(force=True)
+
+    # ================================================================ routing
+    def route(self, sql: str, bind: Bind | None = None):
+        return self.router.route(sql, bind, self.session)
+
+    def targets(self, route) -> list[int]:
+        if route.any_one:
+            if self.servers:
+                return [next(iter(self.servers))]  # a shard this transaction already uses
+            if route.sticky:
+                if self.sticky is None:
+                    self.sticky = self.rr % self.shard_count
+                return [self.sticky]
+            self.rr += 1
+            return [self.rr % self.shard_count]
+        if route.follow_tx:
+            return list(self.servers) or [0]
+        return list(route.shard_list(self.shard_count))
+
+    def with_unique_ids(self, sql: str) -> str:
+        """The text with each pgherd.unique_id() call replaced by a new id (calls found by the parser)."""
+        try:
+            stmts = parse_statements(sql)
+        except ParseError:
+            return sql
+        locations = set()
+        _call_locations(stmts, locations)
+        if not locations:
+            return sql
+        raw = sql.encode()
+        out, last = [], 0
+        text = raw.decode()
+        for m in _UNIQUE_ID_CALL.finditer(text):
+            start = len(text[:m.start()].encode())
+            if start not in locations:
+                continue
+            out.append(raw[last:start])
+            out.append(str(self.ctx.unique_ids.next_id()).encode())
+            last = len(text[:m.end()].encode())
+        out.append(raw[last:])
+        return b"".join(out).decode()
+
+    # ================================================================ servers
+    async def server(self, shard: int):
+        srv = self.servers.get(shard)
+        if srv is not None:
+            return srv
+        ctx = self.ctx
+        if ctx.paused or ctx.maintenance:
+            await ctx.wait_gate(self.c.database)
+        pool = self.cluster.shards[shard].primary() or self.cluster.shards[shard].pools[0]
+        srv = pool.try_checkout()
+        if srv is None:
+            self.c.state = "waiting"
+            try:
+                srv = await pool.checkout()
+            finally:
+                self.c.state = "active"
+        srv.client = self.c
+        self.servers[shard] = srv
+        try:
+            await sync_params(srv, self.c.settings)
+            for stmt in self.prelude if self.in_tx else ():
+                await srv.conn.simple_query(stmt)
+            srv.tx = srv.conn.tx_status
+        except ServerError as exc:
+            raise _server_error(exc) from None
+        except (net.PeerClosed, OSError):
+            await self.lost(srv)
+        return srv
+
+    async def release_all(self, force: bool = False) -> None:
+        """Return the servers to their pools (outside a transaction, or when the client leaves)."""
+        if not force and (self.in_tx or self.c.mode == "session"):
+            return
+        servers, self.servers = list(self.servers.values()), {}
+        for srv in servers:
+            if force and not srv.idle:
+                with trio.CancelScope(shield=True):
+                    await self.c._release_dirty(srv)
+            else:
+                srv.pool.checkin(srv)
+
+    async def lost(self, srv) -> None:
+        srv.broken = True
+        raise E.PgError(E.CONNECTION_FAILURE, "server closed the connection unexpectedly",
+                        hint="the query may or may not have run; reconnect and retry", fatal=True)
+
+    async def send(self, srv, data: bytes) -> None:
+        try:
+            await srv.conn.send(data)
+        except (net.PeerClosed, OSError):
+            await self.lost(srv)
+
+    async def read(self, srv) -> tuple[int, bytes]:
+        try:
+            t, body = await srv.conn.read_message()
+        except (net.PeerClosed, OSError):
+            await self.lost(srv)
+        srv.pool.sent += len(body) + 5
+        return t, body
+
+    async def run_on(self, shards, sql: str) -> None:
+        """A control statement (BEGIN, COMMIT, SAVEPOINT, SET) on the given shards' servers."""
+        for shard in shards:
+            srv = self.servers[shard]
+            try:
+                await srv.conn.simple_query(sql)
+            except (net.PeerClosed, OSError):
+                await self.lost(srv)
+            finally:
+                srv.tx = srv.conn.tx_status
+
+    # ================================================================ reading replies
+    async def read_unit(self, srv, first: bool, tags: list[str]) -> tuple[int, bytes]:
+        """Forward one statement's reply from srv; returns its end message (type, body).
+
+        Headers (RowDescription, CopyOutResponse, ParameterDescription) are forwarded from the
+        first shard only; rows from every shard; the end message is left to the caller.
+        """
+        while True:
+            t, body = await self.read(srv)
+            if t == P.B_DATA_ROW or t == P.B_COPY_DATA:
+                self.emit(M.message(t, body))
+                if self.out_size >= OUT_FLUSH_BYTES:
+                    await self.flush()
+            elif t in _UNIT_END:
+                if t == P.B_COMMAND_COMPLETE:
+                    tags.append(M.read_command_complete(body))
+                elif t == P.B_READY_FOR_QUERY:
+                    srv.tx = body[0]
+                return t, body
+            elif t == P.B_COPY_DONE:
+                self.copy_out = True  # sent once by the caller after every shard's data
+            elif t == P.B_NOTICE_RESPONSE or t == P.B_NOTIFICATION_RESPONSE:
+                self.emit(M.message(t, body))
+            elif t == P.B_PARAMETER_STATUS:
+                name, value = M.read_parameter_status(body)
+                srv.conn.params[name] = value
+                if first:
+                    self.emit(M.message(t, body))
+            elif t in (P.B_COPY_IN_RESPONSE, P.B_COPY_BOTH_RESPONSE):
+                return t, body
+            elif first:
+                self.emit(M.message(t, body))  # RowDescription, NoData, CopyOutResponse, ...
+
+    async def drain(self, srv) -> None:
+        """Read and drop replies until srv's ReadyForQuery."""
+        while True:
+            t, body = await self.read(srv)
+            if t == P.B_READY_FOR_QUERY:
+                srv.tx = body[0]
+                return
+            if t in (P.B_COPY_IN_RESPONSE, P.B_COPY_BOTH_RESPONSE):
+                await self.send(srv, M.copy_fail("the request failed on another shard"))
+
+    # ================================================================ simple query
+    async def simple(self, body: bytes) -> None:
+        sql = M.read_query(body)
+        route = self.route(sql)
+        if _calls_unique_id(route, sql):
+            sql = self.with_unique_ids(sql)  # then route the text with the ids in place
+            route = self.route(sql)
+        if await self.answer_locally(route, sql, simple=True):
+            return
+        shards = self.targets(route)
+        wrap = len(shards) > 1 and not self.in_tx and route.kind in _WRITE_KINDS and route.statements == 1
+        try:
+            servers = [await self.server(s) for s in shards]
+            if wrap:
+                await self.run_on(shards, "BEGIN")
+        except E.PgError as exc:
+            await self.fail_request(exc)
+            return
+        for srv in servers:
+            await self.send(srv, M.query(sql))
+        failed = await self.relay_statements(servers)
+        if wrap:
+            await self.run_on(shards, "ROLLBACK" if failed else "COMMIT")
+        self.finish_request(servers, failed)
+        self.emit(M.ready_for_query(self.status()))
+        await self.release_all()
+
+    async def relay_statements(self, servers) -> bool:
+        """The replies of a simple Query on every server, statement by statement; True on error."""
+        live = list(servers)
+        failed = False
+        while live:
+            tags: list[str] = []
+            ends = []
+            for i, srv in enumerate(live):
+                ends.append(await self.read_unit(srv, i == 0, tags))
+            if any(t == P.B_COPY_IN_RESPONSE for t, _ in ends):
+                failed = await self.copy_in(live, ends)
+                continue
+            errors = [b for t, b in ends if t == P.B_ERROR_RESPONSE]
+            if errors:
+                self.emit(M.message(P.B_ERROR_RESPONSE, errors[0]))
+                for srv, (t, _) in zip(live, ends):
+                    if t != P.B_READY_FOR_QUERY:
+                        await self.drain(srv)
+                return True
+            done = [t == P.B_READY_FOR_QUERY for t, _ in ends]
+            if all(done):
+                return failed
+            if any(done):
+                # The shards disagree on how many statements there were: cannot happen for the
+                # same text; drain and report rather than guess.
+                for srv, d in zip(live, done):
+                    if not d:
+                        await self.drain(srv)
+                self.error(E.PgError(E.INTERNAL_ERROR, "shards answered the query differently"))
+                return True
+            t0, b0 = ends[0]
+            if t0 == P.B_COMMAND_COMPLETE:
+                if self.copy_out:
+                    self.emit(M.copy_done())  # once, after every shard's rows
+                    self.copy_out = False
+                self.emit(M.command_complete(sum_tags(tags)))
+            else:
+                self.emit(M.message(t0, b0))
+        return failed
+
+    async def copy_in(self, servers, ends) -> bool:
+        """COPY FROM STDIN on these servers: every client CopyData goes to each of them."""
+        first = next(b for t, b in ends if t == P.B_COPY_IN_RESPONSE)
+        self.emit(M.message(P.B_COPY_IN_RESPONSE, first))
+        await self.flush()
+        c = self.c
+        while True:
+            t, body = await c.read_message(self.ctx.max_message_size)
+            if t in (P.F_COPY_DATA, P.F_COPY_DONE, P.F_COPY_FAIL):
+                for srv in servers:
+                    await self.send(srv, M.message(t, body))
+                if t != P.F_COPY_DATA:
+                    break
+            elif t in (P.F_FLUSH, P.F_SYNC):
+                continue  # ignored during COPY, as Postgres does
+            else:
+                for srv in servers:
+                    await self.send(srv, M.copy_fail("unexpected message during COPY"))
+                raise E.ProtocolViolation(f"unexpected message type {t} during COPY from stdin")
+        tags: list[str] = []
+        ends = [await self.read_unit(srv, i == 0, tags) for i, srv in enumerate(servers)]
+        errors = [b for t, b in ends if t == P.B_ERROR_RESPONSE]
+        if errors:
+            self.emit(M.message(P.B_ERROR_RESPONSE, errors[0]))
+            for srv, (t, _) in zip(servers, ends):
+                if t != P.B_READY_FOR_QUERY:
+                    await self.drain(srv)
+            return True
+        self.emit(M.command_complete(sum_tags(tags)))
+        return False
+
+    def finish_request(self, servers, failed: bool) -> None:
+        if failed and self.in_tx:
+            self.tx_failed = True
+
+    async def fail_request(self, exc: E.PgError) -> None:
+        if exc.fatal:
+            raise exc
+        self.error(exc)
+        if self.in_tx:
+            self.tx_failed = True
+        self.emit(M.ready_for_query(self.status()))
+        await self.release_all()
+
+    # ================================================================ statements pgherd answers
+    async def answer_locally(self, route, sql: str, simple: bool) -> bool:
+        """Refusals, transaction control, SET, SHOW pgherd.*; True when answered (simple protocol)."""
+        if self.tx_failed and route.tx_control not in ("commit", "rollback", "rollback_to"):
+            self.error(E.PgError("25P02", _IN_FAILED_TX))
+        elif route.refuse is not None:
+            self.error(E.PgError(route.refuse_code, route.refuse))
+            if self.in_tx:
+                self.tx_failed = True
+        elif route.tx_control is not None:
+            await self.tx_control(route.tx_control, sql)
+        elif route.admin_answer is not None:
+            self.admin_answer(route.admin_answer)
+        elif route.kind == "set":
+            await self.set_statement(route, sql)
+        else:
+            return False
+        if simple:
+            self.emit(M.ready_for_query(self.status()))
+            await self.release_all()
+        return True
+
+    async def tx_control(self, kind: str, sql: str) -> None:
+        if kind == "begin":
+            if self.in_tx:
+                self.emit(E.notice_response("there is already a transaction in progress", code="25001", severity="WARNING"))
+            else:
+                self.in_tx, self.tx_failed, self.prelude = True, False, [sql]
+            self.emit(M.command_complete("BEGIN"))
+            return
+        if kind in ("savepoint", "release", "rollback_to"):
+            if not self.in_tx:
+                self.error(E.PgError("25P01", f"{kind.upper().replace('_', ' ')} can only be used in transaction blocks"))
+                return
+            shards = list(self.servers)
+            try:
+                await self.run_on(shards, sql)
+            except ServerError as exc:
+                self.error(_server_error(exc))
+                self.tx_failed = True
+                return
+            self.prelude.append(sql)
+            if kind == "rollback_to":
+                self.tx_failed = False
+            tag = {"savepoint": "SAVEPOINT", "release": "RELEASE", "rollback_to": "ROLLBACK"}[kind]
+            self.emit(M.command_complete(tag))
+            return
+        if kind in ("commit", "rollback"):
+            if not self.in_tx:
+                self.emit(E.notice_response("there is no transaction in progress", code="25P01", severity="WARNING"))
+                self.emit(M.command_complete("COMMIT" if kind == "commit" else "ROLLBACK"))
+                return
+            commit = kind == "commit" and not self.tx_failed
+            error = None
+            for shard in list(self.servers):
+                try:
+                    await self.run_on([shard], "COMMIT" if commit and error is None else "ROLLBACK")
+                except ServerError as exc:
+                    error = error or _server_error(exc)
+            self.in_tx, self.tx_failed, self.prelude = False, False, []
+            self.session.end_transaction(commit and error is None)
+            if error is not None:
+                self.error(error)
+            else:
+                self.emit(M.command_complete("COMMIT" if commit else "ROLLBACK"))
+            return
+        # PREPARE TRANSACTION and friends: pgherd's two-phase commit owns them.
+        self.error(E.PgError(E.FEATURE_NOT_SUPPORTED,
+                             f"{kind.replace('_', ' ').upper()} is not supported on a sharded database"))
+
+    async def set_statement(self, route, sql: str) -> None:
+        change = route.session_change
+        if change is not None:
+            self.session.apply(change, self.in_tx)
+        if route.shards == ():
+            self.emit(M.command_complete("RESET" if sql.lstrip().upper().startswith("RESET") else "SET"))
+            return  # pgherd.shard / pgherd.sharding_key: never forwarded
+        # A real setting: check it on one server (the transaction's, or any), then remember it so
+        # every server this client uses gets it (worker/pool.sync_params).
+        shards = list(self.servers) or [self.targets(route._replace(any_one=True))[0]]
+        try:
+            for shard in shards:
+                await self.server(shard)
+            await self.run_on(shards, sql)
+        except ServerError as exc:
+            self.error(_server_error(exc))
+            if self.in_tx:
+                self.tx_failed = True
+            return
+        except E.PgError as exc:
+            self.error(exc)
+            return
+        changes, _ = session_analyze(sql)
+        settings, startup = self.c.settings, self.c.startup
+        for ch in changes:
+            if ch.local:
+                continue
+            if ch.kind == "set":
+                settings[ch.name] = ch.value
+            elif ch.kind == "reset" and ch.name in startup:
+                settings[ch.name] = startup[ch.name]
+            elif ch.kind == "reset":
+                settings.pop(ch.name, None)
+            elif ch.kind == "reset_all":
+                settings.clear()
+                settings.update(startup)
+        for srv in self.servers.values():
+            srv.set_params = dict(settings) if not self.in_tx else srv.set_params
+        self.emit(M.command_complete("RESET" if sql.lstrip().upper().startswith("RESET") else "SET"))
+
+    def admin_shape(self, answer) -> bytes:
+        column, oid = ("shards", _TEXT) if answer[0] == "pgherd.shards" else ("unique_id", _INT8)
+        return M.row_description([M.Field(column, type_oid=oid)])
+
+    def admin_answer(self, answer, describe: bool = True) -> None:
+        """SHOW pgherd.shards (the count) and SHOW pgherd.unique_id (a new id)."""
+        name, value = answer
+        if describe:
+            self.emit(self.admin_shape(answer))
+        value = str(value) if name == "pgherd.shards" else str(self.ctx.unique_ids.next_id())
+        self.emit(M.data_row([value]))
+        self.emit(M.command_complete("SHOW"))
+
+    # ================================================================ extended protocol
+    async def extended(self) -> None:
+        """Run the batch of extended-protocol messages up to Sync (or Flush)."""
+        batch, self.batch = self.batch, []
+        synced = batch[-1][0] == P.F_SYNC
+        units: list[_Unit] = []
+        for t, body in batch:
+            if t == P.F_SYNC:
+                units.extend(self.unexecuted_portals())
+                units.append(_Unit(sync=True))
+                continue
+            if self.batch_failed:
+                continue  # after an error, everything up to Sync is skipped (as Postgres does)
+            try:
+                unit = self.plan_message(t, body)
+            except E.PgError as exc:
+                if exc.fatal:
+                    raise
+                units.append(_Unit(local=exc.to_bytes()))
+                self.batch_failed = True
+                continue
+            if unit is not None:
+                units.append(unit)
+        if synced:
+            self.batch_failed = False
+        await self.run_units(units, synced)
+
+    def plan_message(self, t: int, body: bytes) -> _Unit | None:
+        if t == P.F_PARSE:
+            msg = M.read_parse(body)
+            self.statements[msg.name] = (msg.query, list(msg.param_types))
+            return _Unit(local=M.parse_complete())
+        if t == P.F_CLOSE:
+            kind, name = M.read_describe_or_close(body)
+            (self.statements if kind == "S" else self.portals).pop(name, None)
+            return _Unit(local=M.close_complete())
+        if t == P.F_BIND:
+            msg = M.read_bind(body)
+            stmt = self.statements.get(msg.statement)
+            if stmt is None:
+                raise E.PgError("26000", f'prepared statement "{msg.statement}" does not exist')
+            self.portals[msg.portal] = _Portal(msg, stmt)
+            return None  # sent with its Execute (or at Sync)
+        if t == P.F_DESCRIBE:
+            kind, name = M.read_describe_or_close(body)
+            if kind == "S":
+                stmt = self.statements.get(name)
+                if stmt is None:
+                    raise E.PgError("26000", f'prepared statement "{name}" does not exist')
+                sql, types = stmt
+                route = self.route(sql)
+                if _calls_unique_id(route, sql):
+                    sql = self.with_unique_ids(sql)  # Postgres has no pgherd.unique_id() to describe
+                    route = self.route(sql)
+                if route.tx_control is not None or route.kind == "set" or route.admin_answer is not None:
+                    shape = M.no_data() if route.admin_answer is None else self.admin_shape(route.admin_answer)
+                    return _Unit(local=M.parameter_description([]) + shape)
+                shard = self.targets(route._replace(any_one=True))[0]
+                return _Unit(shards=[shard], messages=M.parse("", sql, types) + M.describe("S", ""),
+                             parse=True, describe="S")
+            portal = self.portals.get(name)
+            if portal is None:
+                raise E.PgError("34000", f'portal "{name}" does not exist')
+            if portal.shards is not None:
+                return _Unit(shards=portal.shards, messages=M.describe("P", ""), describe="P")
+            portal.describe = True  # answered with its Execute, or at Sync
+            return None
+        if t == P.F_EXECUTE:
+            name, max_rows = M.read_execute(body)
+            portal = self.portals.get(name)
+            if portal is None:
+                raise E.PgError("34000", f'portal "{name}" does not exist')
+            return self.portal_unit(portal, max_rows)
+        return None  # Flush
+
+    def unexecuted_portals(self) -> list[_Unit]:
+        """Bound (and maybe described) portals never executed: their BindComplete is still due."""
+        units = []
+        for portal in self.portals.values():
+            if portal.shards is None and not self.batch_failed:
+                try:
+                    units.append(self.portal_unit(portal, None))
+                except E.PgError as exc:
+                    units.append(_Unit(local=exc.to_bytes()))
+                    self.batch_failed = True
+        self.portals = {k: p for k, p in self.portals.items() if self.in_tx and p.shards is not None}
+        return units
+
+    def portal_unit(self, portal: "_Portal", max_rows) -> _Unit:
+        """The messages that run a bound portal on its shards: Parse + Bind [+ Describe] [+ Execute]."""
+        execute = max_rows is not None
+        if portal.shards is not None:
+            # Already bound on its shards (an Execute with a row limit, continued).
+            if portal.local is not None or len(portal.shards) > 1:
+                raise E.PgError(E.FEATURE_NOT_SUPPORTED, "this portal cannot be fetched again")
+            return _Unit(shards=portal.shards, messages=M.execute("", max_rows or 0), execute=execute)
+        msg, (sql, types) = portal.bind, portal.stmt
+        bind = Bind(msg.params, msg.param_formats, types)
+        route = self.route(sql, bind)
+        if _calls_unique_id(route, sql):
+            sql = self.with_unique_ids(sql)
+            route = self.route(sql, bind)
+        if route.refuse is not None:
+            raise E.PgError(route.refuse_code, route.refuse)
+        portal.shards = ()
+        if route.tx_control is not None or route.kind == "set" or route.admin_answer is not None:
+            portal.local = route
+            return _Unit(local_route=(route, sql, execute, portal.describe))
+        if execute and max_rows and route.cross_shard:
+            raise E.PgError(E.FEATURE_NOT_SUPPORTED,
+                            "fetching a cross-shard result in parts (Execute with a row limit) is not supported; "
+                            "fetch all rows, or filter by the sharding key")
+        portal.shards = self.targets(route)
+        data = [M.parse("", sql, types), M.bind("", "", msg.params, msg.param_formats, msg.result_formats)]
+        if portal.describe:
+            data.append(M.describe("P", ""))
+        if execute:
+            data.append(M.execute("", max_rows))
+        unit = _Unit(shards=portal.shards, messages=b"".join(data), parse=True, bind=True,
+                     describe="P" if portal.describe else None, execute=execute)
+        unit.kind = route.kind
+        portal.describe = False
+        return unit
+
+    async def run_units(self, units: list[_Unit], synced: bool) -> None:
+        """Send each unit to its shards, then forward the replies in request order."""
+        remote = [u for u in units if u.messages]
+        involved: list[int] = []
+        for u in remote:
+            for s in u.shards:
+                if s not in involved:
+                    involved.append(s)
+        involved += [s for s in self.servers if s not in involved and synced]
+        wrap = len(involved) > 1 and not self.in_tx and any(u.kind in _WRITE_KINDS for u in remote)
+        try:
+            servers = {s: await self.server(s) for s in involved}
+            if wrap:
+                await self.run_on(involved, "BEGIN")
+        except E.PgError as exc:
+            if exc.fatal:
+                raise
+            self.error(exc)
+            if self.in_tx:
+                self.tx_failed = True
+            self.emit(M.ready_for_query(self.status()))
+            await self.release_all()
+            return
+        for s, srv in servers.items():
+            data = b"".join(u.messages for u in remote if s in u.shards)
+            await self.send(srv, data + (M.sync() if synced else M.flush()))
+        failed = False
+        for u in units:
+            if u.sync:
+                await self.end_sync(servers, failed, wrap)
+                failed = False
+            elif failed:
+                continue  # the servers skip to Sync after an error; so does the client
+            elif u.local_route is not None:
+                await self.local_unit(*u.local_route)
+                failed = self.tx_failed and self.in_tx
+            elif u.local:
+                self.emit(u.local)
+                failed = u.local[0] == P.B_ERROR_RESPONSE
+            else:
+                failed = await self.relay_unit([servers[s] for s in u.shards], u)
+            if failed and self.in_tx:
+                self.tx_failed = True
+        if not synced:
+            self.batch_failed = self.batch_failed or failed
+            await self.flush()
+
+    async def reply(self, srv, first: bool) -> tuple[int, bytes]:
+        """srv's next reply that is not a notice (notices are forwarded from every shard)."""
+        while True:
+            t, body = await self.read(srv)
+            if t == P.B_NOTICE_RESPONSE or t == P.B_NOTIFICATION_RESPONSE:
+                self.emit(M.message(t, body))
+            elif t == P.B_PARAMETER_STATUS:
+                name, value = M.read_parameter_status(body)
+                srv.conn.params[name] = value
+                if first:
+                    self.emit(M.message(t, body))
+            else:
+                return t, body
+
+    async def relay_unit(self, servers, unit: _Unit) -> bool:
+        """Forward one unit's replies from its servers, combined; True if it failed."""
+        tags: list[str] = []
+        ends = []
+        for i, srv in enumerate(servers):
+            ends.append(await self.unit_replies(srv, unit, i == 0, tags))
+        errors = [b for t, b in ends if t == P.B_ERROR_RESPONSE]
+        if errors:
+            self.emit(M.message(P.B_ERROR_RESPONSE, errors[0]))
+            return True
+        if unit.execute:
+            t0, b0 = ends[0]
+            if t0 == P.B_COMMAND_COMPLETE:
+                self.emit(M.command_complete(sum_tags(tags)))
+            else:
+                self.emit(M.message(t0, b0))
+        return False
+
+    async def unit_replies(self, srv, unit: _Unit, first: bool, tags: list[str]) -> tuple[int, bytes]:
+        """Read one server's replies to a unit; returns the last message (or the ErrorResponse)."""
+        expected = []
+        if unit.parse:
+            expected.append(P.B_PARSE_COMPLETE)
+        if unit.bind:
+            expected.append(P.B_BIND_COMPLETE)
+        if unit.describe == "S":
+            expected.append(P.B_PARAMETER_DESCRIPTION)
+        if unit.describe:
+            expected.append(P.B_ROW_DESCRIPTION)
+        t, body = 0, b""
+        for want in expected:
+            t, body = await self.reply(srv, first)
+            if t == P.B_ERROR_RESPONSE:
+                return t, body
+            if first and want != P.B_PARSE_COMPLETE:
+                self.emit(M.message(t, body))  # BindComplete, ParameterDescription, RowDescription/NoData
+        if unit.execute:
+            t, body = await self.read_unit(srv, first, tags)
+        return t, body
+
+    async def local_unit(self, route, sql: str, executes: bool, describe: bool) -> None:
+        """A Bind/Execute of a statement pgherd answers (BEGIN, SET, SHOW pgherd.shards)."""
+        self.emit(M.bind_complete())
+        if describe and route.admin_answer is None:
+            self.emit(M.no_data())
+        describe = describe and route.admin_answer is not None
+        if not executes:
+            return
+        if route.admin_answer is not None:
+            self.admin_answer(route.admin_answer, describe)
+        elif route.tx_control is not None:
+            await self.tx_control(route.tx_control, sql)
+        else:
+            await self.set_statement(route, sql)
+
+    async def end_sync(self, servers, failed: bool, wrap: bool) -> None:
+        for srv in servers.values():
+            await self.drain(srv)
+        if wrap:
+            await self.run_on(list(servers), "ROLLBACK" if failed else "COMMIT")
+        self.emit(M.ready_for_query(self.status()))
+        await self.release_all()
+
+
+class _Portal:
+    __slots__ = ("bind", "stmt", "describe", "shards", "local")
+
+    def __init__(self, bind, stmt) -> None:
+        self.bind = bind
+        self.stmt = stmt
+        self.describe = False
+        self.shards = None  # set when sent to its shards
+        self.local = None  # the route, when pgherd answers it
+
+
+def _calls_unique_id(route, sql: str) -> bool:
+    """Whether sql calls pgherd.unique_id() (a refused route does not say: the call may be why)."""
+    return route.unique_id_calls or (route.refuse is not None and _UNIQUE_ID_CALL.search(sql) is not None)
+
+
+def _call_locations(node, out: set) -> None:
+    """Byte offsets of pgherd.unique_id() / pgdog.unique_id() calls in a parse tree."""
+    if type(node) is list:
+        for x in node:
+            _call_locations(x, out)
+    elif type(node) is dict:
+        call = node.get("FuncCall")
+        if call is not None:
+            names = [n.get("String", {}).get("sval", "").lower() for n in call.get("funcname", [])]
+            if len(names) == 2 and names[0] in ("pgherd", "pgdog") and names[1] == "unique_id":
+                out.add(call.get("location", -1))
+        for v in node.values():
+            if type(v) is dict or type(v) is list:
+                _call_locations(v, out)
+
+
+def _server_error(exc: ServerError) -> E.PgError:
+    f = exc.fields
+    return E.PgError(exc.code, f.get("M", str(exc)), detail=f.get("D"), hint=f.get("H"))
+
