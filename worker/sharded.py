@@ -49,6 +49,8 @@ _COUNTED_TAGS = frozenset(["INSERT", "UPDATE", "DELETE", "SELECT", "COPY", "MERG
 _WRITE_KINDS = frozenset(["insert", "update", "delete", "merge"])
 _UNIQUE_ID_CALL = re.compile(r'"?pg(?:herd|dog)"?\s*\.\s*"?unique_id"?\s*\(\s*\)', re.I)
 _TEXT, _INT8 = 25, 20  # type OIDs of SHOW pgherd.* columns
+# A value no setting has: marks a server setting pgherd no longer knows (see remember_settings).
+_UNKNOWN = "\x00unknown"
 _IN_FAILED_TX = "current transaction is aborted, commands ignored until end of transaction block"
 
 
@@ -182,10 +184,15 @@ class ShardedRelay:
             stmts = parse_statements(sql)
         except ParseError:
             return sql
-        locations = set()
+        locations: dict[int, bool] = {}
         _call_locations(stmts, locations)
         if not locations:
             return sql
+        if any(locations.values()):
+            # pgherd replaces each call with one value: every row would get the same id.
+            raise E.PgError(E.FEATURE_NOT_SUPPORTED, "pgherd.unique_id() in a query that reads rows from a table "
+                            "would give every row the same id", hint="call it once per row in INSERT … VALUES, "
+                            "or fetch ids with SELECT pgherd.unique_id() first")
         raw = sql.encode()
         out, last = [], 0
         text = raw.decode()
@@ -318,9 +325,14 @@ class ShardedRelay:
         sql = M.read_query(body)
         route = self.route(sql)
         if _calls_unique_id(route, sql):
-            sql = self.with_unique_ids(sql)  # then route the text with the ids in place
+            try:
+                sql = self.with_unique_ids(sql)  # then route the text with the ids in place
+            except E.PgError as exc:
+                await self.fail_request(exc)
+                return
             route = self.route(sql)
-        if await self.answer_locally(route, sql, simple=True):
+        several = route.statements > 1 and route.refuse is None and not self.tx_failed
+        if not several and await self.answer_locally(route, sql, simple=True):
             return
         shards = self.targets(route)
         wrap = len(shards) > 1 and not self.in_tx and route.kind in _WRITE_KINDS and route.statements == 1
@@ -336,9 +348,27 @@ class ShardedRelay:
         failed = await self.relay_statements(servers)
         if wrap:
             await self.run_on(shards, "ROLLBACK" if failed else "COMMIT")
-        self.finish_request(servers, failed)
+        if several:
+            self.follow_servers(servers, sql, failed)
+        elif failed and self.in_tx:
+            self.tx_failed = True
         self.emit(M.ready_for_query(self.status()))
         await self.release_all()
+
+    def follow_servers(self, servers, sql: str, failed: bool) -> None:
+        """After a query string of several statements (which may BEGIN, COMMIT or SET itself),
+        take the transaction state from the servers' ReadyForQuery and the settings from the text."""
+        statuses = {srv.tx for srv in servers}
+        if statuses == {P.TX_IDLE}:
+            if self.in_tx:
+                self.session.end_transaction(not failed)
+            self.in_tx, self.tx_failed, self.prelude = False, False, []
+        else:
+            if not self.in_tx:
+                self.in_tx, self.prelude = True, ["BEGIN"]
+            self.tx_failed = P.TX_FAILED in statuses
+        if not failed:
+            self.remember_settings(sql, servers)
 
     async def relay_statements(self, servers) -> bool:
         """The replies of a simple Query on every server, statement by statement; True on error."""
@@ -410,10 +440,6 @@ class ShardedRelay:
             return True
         self.emit(M.command_complete(sum_tags(tags)))
         return False
-
-    def finish_request(self, servers, failed: bool) -> None:
-        if failed and self.in_tx:
-            self.tx_failed = True
 
     async def fail_request(self, exc: E.PgError) -> None:
         if exc.fatal:
@@ -516,8 +542,20 @@ class ShardedRelay:
         except E.PgError as exc:
             self.error(exc)
             return
+        self.remember_settings(sql, [self.servers[s] for s in shards])
+        self.emit(M.command_complete("RESET" if sql.lstrip().upper().startswith("RESET") else "SET"))
+
+    def remember_settings(self, sql: str, ran_on) -> None:
+        """Record the SET/RESETs of sql as the client's settings, for every server it uses later.
+
+        The servers it ran on no longer match what pool.sync_params believes they hold: the
+        names it changed are marked unknown there, so the next sync sets or resets them."""
         changes, _ = session_analyze(sql)
         settings, startup = self.c.settings, self.c.startup
+        for srv in ran_on:
+            names = set(srv.set_params) | set(settings) if any(ch.kind == "reset_all" for ch in changes) \
+                else {ch.name for ch in changes if ch.name}
+            srv.set_params = {**srv.set_params, **{name: _UNKNOWN for name in names}}
         for ch in changes:
             if ch.local:
                 continue
@@ -530,9 +568,6 @@ class ShardedRelay:
             elif ch.kind == "reset_all":
                 settings.clear()
                 settings.update(startup)
-        for srv in self.servers.values():
-            srv.set_params = dict(settings) if not self.in_tx else srv.set_params
-        self.emit(M.command_complete("RESET" if sql.lstrip().upper().startswith("RESET") else "SET"))
 
     def admin_shape(self, answer) -> bytes:
         column, oid = ("shards", _TEXT) if answer[0] == "pgherd.shards" else ("unique_id", _INT8)
@@ -646,6 +681,8 @@ class ShardedRelay:
         msg, (sql, types) = portal.bind, portal.stmt
         bind = Bind(msg.params, msg.param_formats, types)
         route = self.route(sql, bind)
+        if self.tx_failed and route.tx_control not in ("commit", "rollback", "rollback_to"):
+            raise E.PgError("25P02", _IN_FAILED_TX)
         if _calls_unique_id(route, sql):
             sql = self.with_unique_ids(sql)
             route = self.route(sql, bind)
@@ -812,20 +849,24 @@ def _calls_unique_id(route, sql: str) -> bool:
     return route.unique_id_calls or (route.refuse is not None and _UNIQUE_ID_CALL.search(sql) is not None)
 
 
-def _call_locations(node, out: set) -> None:
-    """Byte offsets of pgherd.unique_id() / pgdog.unique_id() calls in a parse tree."""
+def _call_locations(node, out: dict, rows: bool = False) -> None:
+    """Byte offsets of pgherd.unique_id() / pgdog.unique_id() calls in a parse tree -> whether
+    the call sits in a SELECT with a FROM clause (which may produce many rows)."""
     if type(node) is list:
         for x in node:
-            _call_locations(x, out)
+            _call_locations(x, out, rows)
     elif type(node) is dict:
+        select = node.get("SelectStmt")
+        if select is not None and select.get("fromClause"):
+            rows = True
         call = node.get("FuncCall")
         if call is not None:
             names = [n.get("String", {}).get("sval", "").lower() for n in call.get("funcname", [])]
             if len(names) == 2 and names[0] in ("pgherd", "pgdog") and names[1] == "unique_id":
-                out.add(call.get("location", -1))
+                out[call.get("location", -1)] = rows
         for v in node.values():
             if type(v) is dict or type(v) is list:
-                _call_locations(v, out)
+                _call_locations(v, out, rows)
 
 
 def _server_error(exc: ServerError) -> E.PgError:
