@@ -157,3 +157,30 @@ def show_workers(workers: dict):
         rows.append([index, w["pid"], w["node"], w["state"], int(w["uptime"]), w["clients"], w["restarts"],
                      round(w["cpu_seconds"], 3), w["rss_bytes"]])
     return cols, rows
+
+
+def show_replication(hosts: list[dict]):
+    """One row per monitored host (supervisor/monitor.Monitor.snapshot)."""
+    cols = ["database", "shard", "host", "port", "role", "configured_role", "pg_is_in_recovery", "lsn",
+            "lag_bytes", "lag_ms", "banned", "healthy"]
+    rows = [[h["database"], h["shard"], h["host"], h["port"], h["role"], h["configured_role"], h["in_recovery"],
+             h["lsn"], h["lag_bytes"], h["lag_ms"], h["banned"], h["healthy"]] for h in hosts]
+    return cols, rows
+
+
+def show_bans(hosts: list[dict]):
+    """One row per banned host; `remaining` is seconds left of ban_timeout (0: held until the
+    host passes a check, or for a lag ban until the replica catches up)."""
+    cols = ["database", "shard", "host", "port", "reason", "remaining"]
+    rows = [[h["database"], h["shard"], h["host"], h["port"], h["ban_reason"], round(h["ban_left"], 1)]
+            for h in hosts if h["banned"]]
+    return cols, rows
+
+
+def show_healthcheck(hosts: list[dict]):
+    """HEALTHCHECK: the result of the check just run on every monitored host."""
+    cols = ["database", "shard", "host", "port", "healthy", "role", "pg_is_in_recovery", "lsn", "lag_bytes",
+            "banned", "check_ms", "error"]
+    rows = [[h["database"], h["shard"], h["host"], h["port"], h["healthy"], h["role"], h["in_recovery"], h["lsn"],
+             h["lag_bytes"], h["banned"], h["check_ms"], h["check_error"] or h["error"]] for h in hosts]
+    return cols, rows

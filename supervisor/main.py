@@ -22,6 +22,7 @@ from pgherd.shared.bus import messages as B
 from pgherd.shared.bus.transport import BusSocket
 
 from . import admin as A
+from .monitor import Monitor
 from .nodes import check_range, node_base
 from .notify import Notifier
 
@@ -78,6 +79,7 @@ class Supervisor:
         self._stats_prev: tuple[float, dict] | None = None
         self.avgs: dict[str, dict] = {}
         self.started = time.time()
+        self.monitor = Monitor(config, self._publish_hosts)
 
     # ------------------------------------------------------------ bus
     def _open_bus(self) -> None:
@@ -102,6 +104,9 @@ class Supervisor:
         finally:
             shutil.rmtree(self.runtime_dir, ignore_errors=True)
 
+    def _publish_hosts(self, msg: B.HostStates) -> None:
+        self.pub.send(msg)
+
     def config_data(self) -> dict:
         return self.config.model_dump(mode="json", exclude_unset=True)
 
@@ -112,7 +117,8 @@ class Supervisor:
                 return
             self.router.send(B.Welcome(config=self.config_data(), index=w.index, workers=self.workers_n,
                                        node=w.node, not_before_ms=w.last_exit_ms + 1 if w.last_exit_ms else 0,
-                                       paused=sorted(self.paused), maintenance=sorted(self.maintenance)),
+                                       paused=sorted(self.paused), maintenance=sorted(self.maintenance),
+                                       hosts=self.monitor.infos()),
                              identity)
         elif isinstance(msg, B.Ready):
             w = self.workers.get(msg.index)
@@ -134,6 +140,8 @@ class Supervisor:
             owner = self.workers.get(pid_owner(msg.pid))
             if owner is not None and owner.state == "serving":
                 self.router.send(B.CancelDeliver(pid=msg.pid, secret=msg.secret), owner.identity)
+        elif isinstance(msg, B.HostFailed):
+            self.monitor.host_failed(msg.key, msg.reason)
         elif isinstance(msg, B.AdminCommand):
             self._nursery.start_soon(self._admin, msg, identity)
 
@@ -168,6 +176,10 @@ class Supervisor:
                 cols, rows = A.show_config(self.config)
             elif arg == "WORKERS":
                 cols, rows = A.show_workers(await self.worker_table())
+            elif arg == "REPLICATION":
+                cols, rows = A.show_replication(self.monitor.snapshot())
+            elif arg == "BANS":
+                cols, rows = A.show_bans(self.monitor.snapshot())
             else:
                 snaps = await self.collect()
                 cols, rows = {
@@ -183,6 +195,11 @@ class Supervisor:
             return B.AdminReply(req=req, tag="RELOAD")
         if cmd in ("PAUSE", "RESUME", "MAINTENANCE ON", "MAINTENANCE OFF"):
             return await self._gate_command(req, cmd, arg)
+        if cmd in ("BAN", "UNBAN"):
+            return await self._ban_command(req, cmd, arg or "")
+        if cmd == "HEALTHCHECK":
+            cols, rows = A.show_healthcheck(await self.monitor.check_now())
+            return B.AdminReply(req=req, columns=cols, rows=rows, tag="HEALTHCHECK")
         if cmd == "RECONNECT":
             self.pub.send(B.Reconnect())
             await self.collect()  # applied by every worker before we answer
@@ -223,6 +240,20 @@ class Supervisor:
                 await trio.sleep(PAUSE_POLL)
         return B.AdminReply(req=req, tag=cmd.split()[0], notice=notice)
 
+    async def _ban_command(self, req: int, cmd: str, arg: str) -> B.AdminReply:
+        try:
+            keys = self.monitor.ban(arg) if cmd == "BAN" else self.monitor.unban(arg)
+        except LookupError as exc:
+            return B.AdminReply(req=req, error=str(exc), sqlstate="42704")
+        # The monitor broadcast the new state on PUB; a Collect after it returns once every
+        # worker has applied it (see _gate_command).
+        await self.collect()
+        if cmd == "BAN":
+            notice = f"banned for {self.monitor.ban_timeout:g} s: " + ", ".join(keys)
+        else:
+            notice = "unbanned: " + ", ".join(keys)
+        return B.AdminReply(req=req, tag=cmd, notice=notice)
+
     async def worker_table(self) -> dict:
         snaps = {s["index"]: s for s in await self.collect()}
         out = {}
@@ -262,6 +293,7 @@ class Supervisor:
                         new.worker_count())
         self.config = new
         self.pub.send(B.ConfigUpdate(config=self.config_data(), workers=self.workers_n))
+        self.monitor.reload(new)  # broadcasts the hosts of the new config
         # Pause and maintenance state survive a reload: re-send it with the new config.
         self.pub.send(B.State(paused=sorted(self.paused), maintenance=sorted(self.maintenance)))
         await self.collect()  # every worker has applied the new config before RELOAD returns
@@ -320,6 +352,7 @@ class Supervisor:
                 self._nursery = n
                 n.start_soon(self.pub.run)
                 n.start_soon(self.router.run)
+                n.start_soon(self.monitor.run)  # before the workers: their Welcome carries its state
                 with trio.open_signal_receiver(signal.SIGHUP, signal.SIGTERM, signal.SIGINT) as sigs:
                     n.start_soon(self._signals, sigs)
                     for w in self.workers.values():

@@ -12,9 +12,12 @@ from pgherd.shared.wire import protocol as P
 log = logging.getLogger("pgherd.admin")
 
 COMMANDS = ("SHOW POOLS", "SHOW CLIENTS", "SHOW SERVERS", "SHOW STATS", "SHOW CONFIG", "SHOW VERSION",
-            "SHOW LISTS", "SHOW WORKERS", "RELOAD", "PAUSE [db]", "RESUME [db]",
-            "MAINTENANCE ON|OFF [db]", "RECONNECT", "SHUTDOWN")
-_SHOW_WHAT = {"POOLS", "CLIENTS", "SERVERS", "STATS", "CONFIG", "VERSION", "LISTS", "WORKERS"}
+            "SHOW LISTS", "SHOW WORKERS", "SHOW REPLICATION", "SHOW BANS", "RELOAD", "PAUSE [db]", "RESUME [db]",
+            "MAINTENANCE ON|OFF [db]", "RECONNECT", "SHUTDOWN", "BAN host", "UNBAN host", "HEALTHCHECK")
+_SHOW_WHAT = {"POOLS", "CLIENTS", "SERVERS", "STATS", "CONFIG", "VERSION", "LISTS", "WORKERS", "REPLICATION", "BANS"}
+# BAN / UNBAN take a host key (db/shard/host:port), host:port or a host name, which the word
+# pattern above would split: the argument is the rest of the line, optionally quoted.
+_BAN = re.compile(r"\s*(UN)?BAN\s+(?:'([^']*)'|\"([^\"]*)\"|(\S+))\s*", re.IGNORECASE)
 _WORD = re.compile(r"[A-Za-z_][A-Za-z0-9_$.\-]*|\"(?:[^\"]|\"\")*\"")
 # Row values of these Python types get these column types (PgBouncer reports
 # counters as bigint, so dashboards can do arithmetic on them).
@@ -23,6 +26,9 @@ INT8, FLOAT8, TEXT, BOOL = 20, 701, 25, 16
 
 def parse_command(sql: str) -> tuple[str, str | None]:
     """('SHOW', 'POOLS') / ('PAUSE', 'db') / ...; raises PgError for unknown commands."""
+    ban = _BAN.fullmatch(sql.strip().rstrip(";"))
+    if ban:
+        return ("UNBAN" if ban.group(1) else "BAN"), next(g for g in ban.groups()[1:] if g is not None)
     words = [w.strip('"') if w.startswith('"') else w for w in _WORD.findall(sql.strip().rstrip(";"))]
     if not words:
         return "EMPTY", None
@@ -30,7 +36,7 @@ def parse_command(sql: str) -> tuple[str, str | None]:
     rest = words[1:]
     if head == "SHOW" and len(rest) == 1 and rest[0].upper() in _SHOW_WHAT:
         return "SHOW", rest[0].upper()
-    if head in ("RELOAD", "RECONNECT", "SHUTDOWN") and not rest:
+    if head in ("RELOAD", "RECONNECT", "SHUTDOWN", "HEALTHCHECK") and not rest:
         return head, None
     if head in ("PAUSE", "RESUME") and len(rest) <= 1:
         return head, rest[0] if rest else None

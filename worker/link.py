@@ -70,6 +70,11 @@ class WorkerLink:
             self._welcomed.set()
         elif isinstance(msg, B.AdminReply):
             self.dealer.resolve(msg.req, msg)
+        elif isinstance(msg, B.HostStates):
+            if self.welcome is not None:
+                self.welcome.hosts = msg.hosts  # the latest word, for a worker not serving yet
+            if ctx is not None:
+                ctx.health.update(msg.hosts)
         elif ctx is None:
             return  # not serving yet: broadcasts will be repeated in the Welcome state
         elif isinstance(msg, B.Collect):

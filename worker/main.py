@@ -158,6 +158,7 @@ async def _worker_process(index: int, bus_dir: str) -> int:
                 n.cancel_scope.cancel()
                 return EXIT_START_FAILED
             ctx.set_state(welcome.paused, welcome.maintenance)
+            ctx.health.update(welcome.hosts)  # bans and roles from the supervisor's monitor
             link.send(Ready(index=index))
     finally:
         link.close()

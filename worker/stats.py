@@ -46,7 +46,7 @@ def snapshot(ctx) -> dict:
             "cl_waiting": sum(1 for s in states if s == "waiting"),
             "sv_active": pool.active, "sv_idle": len(pool.idle), "sv_used": 0,
             "sv_login": pool.opening, "maxwait": pool.maxwait(),
-            "paused": ctx.gated(pool.database), "banned": False, "errors": pool.errors,
+            "paused": ctx.gated(pool.database), "banned": ctx.health.banned(pool.key), "errors": pool.errors,
             "xact_count": pool.xact_count, "query_count": pool.query_count,
             "received": pool.received, "sent": pool.sent, "xact_time": pool.xact_time,
             "query_time": pool.query_time, "wait_time": pool.wait_time,

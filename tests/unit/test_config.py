@@ -416,8 +416,8 @@ def test_bad_env_value_names_the_variable(files, var, value, message):
 
 def test_env_keys_count_as_set(files):
     files()
-    config = load_config(env={"PGHERD_BAN_TIMEOUT": "1000"})
-    assert "general.ban_timeout" in config.unsupported_keys()
+    config = load_config(env={"PGHERD_LISTEN_BACKLOG": "1000"})
+    assert "general.listen_backlog" in config.unsupported_keys()
 
 
 def test_os_environ_is_the_default(files, monkeypatch):
@@ -621,13 +621,13 @@ def test_server_login_prefers_database_then_user_settings(files):
 
 def test_unsupported_keys_lists_set_keys_not_acted_on(files):
     files(
-        pgherd=ONE_DB + "read_only = true\n[general]\nport = 7000\nban_timeout = 1\n"
+        pgherd=ONE_DB + "read_only = true\n[general]\nport = 7000\nlisten_backlog = 1\n"
         '[tcp]\nkeepalive = false\n[vault]\naddress = "http://v"\n',
         users=ONE_USER + "statement_timeout = 5\n",
     )
     assert load().unsupported_keys() == [
         "databases.read_only",
-        "general.ban_timeout",
+        "general.listen_backlog",
         "tcp.keepalive",
         "users.statement_timeout",
         "vault.address",
@@ -667,7 +667,7 @@ def test_describe_shows_topology_and_hides_passwords():
     assert "tenants.country" in text and "invoices.number" in text
     assert 'schema "tenant_a" -> shard 0' in text
     assert "countries, currencies" in text
-    assert "general.ban_timeout" in text  # set but not acted on (replicas come later)
+    assert "general.mirror_queue" in text  # set but not acted on (mirroring comes later)
     for secret in (
         "app-secret",
         "batch-secret",
