@@ -184,3 +184,18 @@ def show_healthcheck(hosts: list[dict]):
     rows = [[h["database"], h["shard"], h["host"], h["port"], h["healthy"], h["role"], h["in_recovery"], h["lsn"],
              h["lag_bytes"], h["banned"], h["check_ms"], h["check_error"] or h["error"]] for h in hosts]
     return cols, rows
+
+
+QUERY_CACHE_COUNTS = ("hits", "misses", "entries", "bytes", "evictions", "direct", "cross_shard", "refused")
+
+
+def show_query_cache(snaps):
+    """The route caches of sharded databases, summed over workers (each worker has its own)."""
+    merged: dict[str, dict] = {}
+    for snap in snaps:
+        for database, counts in snap.get("query_cache", {}).items():
+            row = merged.setdefault(database, dict.fromkeys(QUERY_CACHE_COUNTS, 0))
+            for k in QUERY_CACHE_COUNTS:
+                row[k] += counts.get(k, 0)
+    cols = ["database", *QUERY_CACHE_COUNTS]
+    return cols, [[db, *(row[k] for k in QUERY_CACHE_COUNTS)] for db, row in sorted(merged.items())]

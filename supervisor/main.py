@@ -185,7 +185,8 @@ class Supervisor:
                 cols, rows = {
                     "POOLS": lambda: A.show_pools(snaps), "CLIENTS": lambda: A.show_clients(snaps),
                     "SERVERS": lambda: A.show_servers(snaps), "STATS": lambda: A.show_stats(snaps, self.avgs),
-                    "LISTS": lambda: A.show_lists(snaps, self.config)}[arg]()
+                    "LISTS": lambda: A.show_lists(snaps, self.config),
+                    "QUERY_CACHE": lambda: A.show_query_cache(snaps)}[arg]()
             return B.AdminReply(req=req, columns=cols, rows=rows, tag=f"SHOW")
         if cmd == "RELOAD":
             ok, reason = await self.reload()

@@ -12,9 +12,9 @@ from pgherd.shared.wire import protocol as P
 log = logging.getLogger("pgherd.admin")
 
 COMMANDS = ("SHOW POOLS", "SHOW CLIENTS", "SHOW SERVERS", "SHOW STATS", "SHOW CONFIG", "SHOW VERSION",
-            "SHOW LISTS", "SHOW WORKERS", "SHOW REPLICATION", "SHOW BANS", "RELOAD", "PAUSE [db]", "RESUME [db]",
+            "SHOW LISTS", "SHOW WORKERS", "SHOW REPLICATION", "SHOW BANS", "SHOW QUERY_CACHE", "RELOAD", "PAUSE [db]", "RESUME [db]",
             "MAINTENANCE ON|OFF [db]", "RECONNECT", "SHUTDOWN", "BAN host", "UNBAN host", "HEALTHCHECK")
-_SHOW_WHAT = {"POOLS", "CLIENTS", "SERVERS", "STATS", "CONFIG", "VERSION", "LISTS", "WORKERS", "REPLICATION", "BANS"}
+_SHOW_WHAT = {"POOLS", "CLIENTS", "SERVERS", "STATS", "CONFIG", "VERSION", "LISTS", "WORKERS", "REPLICATION", "BANS", "QUERY_CACHE"}
 # BAN / UNBAN take a host key (db/shard/host:port), host:port or a host name, which the word
 # pattern above would split: the argument is the rest of the line, optionally quoted.
 _BAN = re.compile(r"\s*(UN)?BAN\s+(?:'([^']*)'|\"([^\"]*)\"|(\S+))\s*", re.IGNORECASE)

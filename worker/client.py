@@ -88,6 +88,12 @@ def _bad_header(t: int, length: int, max_size: int) -> None:
                               f"(allowed 4..{max_size})")
 
 
+def _is_fatal(body) -> bool:
+    """An ErrorResponse body of severity FATAL or PANIC (the non-localized V field, else S)."""
+    data = bytes(body)
+    return b"VFATAL\x00" in data or b"VPANIC\x00" in data or data.startswith((b"SFATAL\x00", b"SPANIC\x00"))
+
+
 class ClientGone(Exception):
     """The client sent Terminate or closed its socket."""
 
@@ -1135,6 +1141,8 @@ class ClientSession:
                 srv.broken = True
                 raise E.PgError(E.PROTOCOL_VIOLATION, "server sent an invalid message length", fatal=True)
             stop = p + 1 + length
+            if t == P.B_ERROR_RESPONSE and stop <= end and _is_fatal(buf[p + 5:stop]):
+                srv.fatal = True
             if (self.change_queue or self.tx_backup is not None) and stop <= end:
                 if t == P.B_ERROR_RESPONSE:
                     self.reply_error = True
@@ -1214,6 +1222,7 @@ class ClientSession:
                 self.last_tag = bytes(buf[p + 5:stop - 1]).decode("ascii", "replace")
             elif t == P.B_ERROR_RESPONSE:
                 self.reply_error = True
+                srv.fatal = srv.fatal or _is_fatal(buf[p + 5:stop])
             if t in _NEEDS_BODY:
                 self._on_server_message(srv, t, buf, p + 5, stop)
             forward, synth = self._match_reply(
@@ -1349,11 +1358,12 @@ class ClientSession:
         if await self._answer_begin_locally():
             return False
         read = self._reads_only()
+        forced = read and self._wanted_role() == "replica"
         begin = self._take_begin()
         shard = self.cluster.shards[0]
         tried: list = []
         while True:
-            pool = shard.pick_read(tried) if read else (shard.primary() or shard.pools[0])
+            pool = shard.pick_read(tried, forced) if read else (shard.primary() or shard.pools[0])
             self.pool = pool
             try:
                 srv = None
@@ -1406,13 +1416,23 @@ class ClientSession:
             return self.ctx.statements.query(glob) if glob else None
         return None
 
+    def _head_rw(self):
+        sql = self._head_query()
+        return self.ctx.rw.classify(sql) if sql is not None else None
+
+    def _wanted_role(self) -> str | None:
+        """The role the client asked for: this statement's comment, else its session setting."""
+        rw = self._head_rw() if self.mode != "session" else None
+        if rw is not None and rw.role in ("primary", "replica"):
+            return rw.role
+        return self.role_override
+
     def _reads_only(self) -> bool:
         """Whether this request (and, inside a deferred transaction, its transaction) may use a replica."""
         wanted = self.role_override
         if self.mode == "session":
             return wanted == "replica"
-        sql = self._head_query()
-        rw = self.ctx.rw.classify(sql) if sql is not None else None
+        rw = self._head_rw()
         if rw is not None and rw.role in ("primary", "replica"):
             return rw.role == "replica"
         if wanted in ("primary", "replica"):
@@ -1547,6 +1567,8 @@ class ClientSession:
         err = E.PgError(E.CONNECTION_FAILURE, "server closed the connection unexpectedly",
                         hint="the query may or may not have run; retry it")
         if self.ctx.client_connection_recovery == "drop" or not clean or owed == 0:
+            if srv.fatal:
+                raise ClientGone()  # the client already has the server's FATAL error, as from Postgres
             err.hint = "the query may or may not have run; reconnect and retry"
             err.fatal = True
             raise err

@@ -113,8 +113,10 @@ class Shard:
             return healthy
         return healthy + [p for p in primaries if not health.banned(p.key) or not healthy]
 
-    def pick_read(self, exclude=()):
-        pools = [p for p in self.candidates() if p not in exclude] or self.candidates()
+    def pick_read(self, exclude=(), forced: bool = False):
+        """A pool for a read; forced (the client asked for a replica) ignores read_write_split."""
+        candidates = self.replicas() if forced else self.candidates()
+        pools = [p for p in candidates if p not in exclude] or candidates
         if len(pools) == 1:
             return pools[0]
         strategy = self.strategy
@@ -125,6 +127,11 @@ class Shard:
         if strategy == "weighted_round_robin":
             return self._weighted(pools)
         return random.choice(pools)
+
+    def replicas(self) -> list:
+        """Unbanned replicas (all replicas when every one is banned; the primary when there are none)."""
+        replicas = [p for p in self.pools if self.role(p) != PRIMARY]
+        return [p for p in replicas if not self.health.banned(p.key)] or replicas or self.pools
 
     def _weighted(self, pools: list):
         total = 0

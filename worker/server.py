@@ -38,7 +38,7 @@ class ServerConn:
 
     __slots__ = ("conn", "sock", "pool", "created", "last_used", "expect", "unsynced",
                  "copy_in", "tx", "set_params", "broken", "skip", "id", "client", "generation",
-                 "req_start", "xact_start", "actions", "statements")
+                 "req_start", "xact_start", "actions", "statements", "fatal")
 
     _next_id = 0
 
@@ -54,6 +54,7 @@ class ServerConn:
         # Session parameters pgherd SET on this server for a client, by lower-case name.
         self.set_params: dict[str, str] = {}
         self.broken = False
+        self.fatal = False  # a FATAL ErrorResponse was relayed to the client: the server is closing
         # Relay: bytes of a passed-through message body still to arrive.
         self.skip = 0
         self.generation = 0

@@ -56,7 +56,8 @@ def snapshot(ctx) -> dict:
     for c in ctx.clients.values():
         if c.server is not None:
             servers.append(_server_row(ctx, c.server.pool, c.server, "active", now, wall))
-    return {"index": ctx.index, "pid": os.getpid(), "node": ctx.node, "pools": pools,
+    query_cache = {db: r.stats()._asdict() for db, r in ctx.routers.items()}
+    return {"index": ctx.index, "pid": os.getpid(), "node": ctx.node, "pools": pools, "query_cache": query_cache,
             "clients": clients, "servers": servers, "started": wall - (now - ctx.started)}
 
 
