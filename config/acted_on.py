@@ -118,5 +118,9 @@ ACTED_ON: frozenset[str] = frozenset(
         "omnisharded_tables.database",
         "omnisharded_tables.tables",
         "omnisharded_tables.sticky",
+        "general.two_phase_commit",
+        "general.two_phase_commit_auto",
+        "users.two_phase_commit",
+        "users.two_phase_commit_auto",
     }
 )

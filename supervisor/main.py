@@ -23,6 +23,7 @@ from pgherd.shared.bus.transport import BusSocket
 
 from . import admin as A
 from .monitor import Monitor
+from .recovery import Recovery
 from .nodes import check_range, node_base
 from .notify import Notifier
 
@@ -80,6 +81,7 @@ class Supervisor:
         self.avgs: dict[str, dict] = {}
         self.started = time.time()
         self.monitor = Monitor(config, self._publish_hosts)
+        self.recovery = Recovery(config)
 
     # ------------------------------------------------------------ bus
     def _open_bus(self) -> None:
@@ -295,6 +297,7 @@ class Supervisor:
         self.config = new
         self.pub.send(B.ConfigUpdate(config=self.config_data(), workers=self.workers_n))
         self.monitor.reload(new)  # broadcasts the hosts of the new config
+        self.recovery.reload(new)
         # Pause and maintenance state survive a reload: re-send it with the new config.
         self.pub.send(B.State(paused=sorted(self.paused), maintenance=sorted(self.maintenance)))
         await self.collect()  # every worker has applied the new config before RELOAD returns
@@ -354,6 +357,7 @@ class Supervisor:
                 n.start_soon(self.pub.run)
                 n.start_soon(self.router.run)
                 n.start_soon(self.monitor.run)  # before the workers: their Welcome carries its state
+                n.start_soon(self.recovery.run)
                 with trio.open_signal_receiver(signal.SIGHUP, signal.SIGTERM, signal.SIGINT) as sigs:
                     n.start_soon(self._signals, sigs)
                     for w in self.workers.values():

@@ -28,7 +28,8 @@ from pgherd.router.route import Bind
 from pgherd.router.session import RoutingSession
 from pgherd.router.settings import analyze as session_analyze
 from pgherd.shared import net
-from pgherd.shared.pgconn import ServerError
+from pgherd.shared.pgconn import ConnectError, PgConn, ServerError
+from pgherd.shared.twophase import CREATE_DECISION_TABLE, Gid, forget_sql, record_sql
 from pgherd.shared.wire import errors as E
 from pgherd.shared.wire import messages as M
 from pgherd.shared.wire import protocol as P
@@ -110,6 +111,15 @@ class ShardedRelay:
         self.rr = client.pid  # round robin over shards for any-one reads, per client start
         self.sticky: int | None = None
         self.copy_out = False
+        # Two-phase commit (shared/twophase.py): for transactions that span shards, and
+        # (_auto) for single statements that write on several shards outside a transaction.
+        g, user = self.ctx.config.general, self.ctx.config.find_user(client.user, client.database)
+        two_pc = user.two_phase_commit if user is not None and user.two_phase_commit is not None \
+            else g.two_phase_commit
+        auto = user.two_phase_commit_auto if user is not None and user.two_phase_commit_auto is not None \
+            else g.two_phase_commit_auto
+        self.two_pc = two_pc
+        self.two_pc_auto = two_pc if auto is None else (auto and two_pc)
 
     # ================================================================ output
     def emit(self, data: bytes) -> None:
@@ -347,7 +357,9 @@ class ShardedRelay:
             await self.send(srv, M.query(sql))
         failed = await self.relay_statements(servers)
         if wrap:
-            await self.run_on(shards, "ROLLBACK" if failed else "COMMIT")
+            error = await self.finish_on(shards, not failed, self.two_pc_auto)
+            if error is not None:
+                self.error(error)
         if several:
             self.follow_servers(servers, sql, failed)
         elif failed and self.in_tx:
@@ -503,12 +515,7 @@ class ShardedRelay:
                 self.emit(M.command_complete("COMMIT" if kind == "commit" else "ROLLBACK"))
                 return
             commit = kind == "commit" and not self.tx_failed
-            error = None
-            for shard in list(self.servers):
-                try:
-                    await self.run_on([shard], "COMMIT" if commit and error is None else "ROLLBACK")
-                except ServerError as exc:
-                    error = error or _server_error(exc)
+            error = await self.finish_on(list(self.servers), commit, self.two_pc)
             self.in_tx, self.tx_failed, self.prelude = False, False, []
             self.session.end_transaction(commit and error is None)
             if error is not None:
@@ -519,6 +526,81 @@ class ShardedRelay:
         # PREPARE TRANSACTION and friends: pgherd's two-phase commit owns them.
         self.error(E.PgError(E.FEATURE_NOT_SUPPORTED,
                              f"{kind.replace('_', ' ').upper()} is not supported on a sharded database"))
+
+    # ================================================================ ending transactions
+    async def finish_on(self, shards: list[int], commit: bool, two_phase: bool) -> E.PgError | None:
+        """COMMIT (or ROLLBACK) the transaction on these shards; with two-phase commit when it
+        spans several shards and two_phase is on. Returns the error the client gets, if any."""
+        if commit and two_phase and len(shards) > 1:
+            return await self.commit_two_phase(sorted(shards))
+        error = None
+        for shard in shards:
+            try:
+                await self.run_on([shard], "COMMIT" if commit and error is None else "ROLLBACK")
+            except ServerError as exc:
+                error = error or _server_error(exc)
+        return error
+
+    async def commit_two_phase(self, shards: list[int]) -> E.PgError | None:
+        """shared/twophase.py: decision record, PREPARE everywhere, commit the decision, then the rest."""
+        decision = shards[0]
+        txid = self.ctx.unique_ids.next_id()
+        gids = {s: str(Gid(txid, decision, s)) for s in shards}
+        prepared: list[int] = []
+        try:
+            await self.ensure_decision_table(decision)
+            await self.run_on([decision], record_sql(txid))
+            for s in shards:
+                await self.run_on([s], f"PREPARE TRANSACTION '{gids[s]}'")
+                prepared.append(s)
+        except ServerError as exc:
+            # Phase one failed: nothing is decided; undo everywhere (recovery catches what we miss).
+            for s in shards:
+                if s in prepared:
+                    await self.quietly(s, f"ROLLBACK PREPARED '{gids[s]}'")
+                elif self.servers[s].tx != P.TX_IDLE:
+                    await self.quietly(s, "ROLLBACK")
+            return _server_error(exc)
+        try:
+            await self.run_on([decision], f"COMMIT PREPARED '{gids[decision]}'")
+        except (ServerError, E.PgError) as exc:
+            log.warning("two-phase commit %d: the decision could not be committed: %s", txid, exc)
+            return E.PgError("08007", "the transaction may or may not have committed: the commit on shard "
+                             f"{decision} failed ({exc}); pgherd's recovery settles it",
+                             hint="check the data before retrying")
+        for s in shards[1:]:
+            # Decided: from here on the client gets success; recovery finishes what fails.
+            await self.quietly(s, f"COMMIT PREPARED '{gids[s]}'")
+        await self.quietly(decision, forget_sql(txid))
+        return None
+
+    async def quietly(self, shard: int, sql: str) -> None:
+        """A statement whose failure recovery will repair: logged, never raised."""
+        try:
+            await self.run_on([shard], sql)
+        except (ServerError, E.PgError) as exc:
+            log.warning("shard %d: %s failed: %s (left to recovery)", shard, sql, exc)
+
+    async def ensure_decision_table(self, shard: int) -> None:
+        """Create the decision table once per pool, on a connection of its own (not in the transaction)."""
+        pool = self.servers[shard].pool
+        if getattr(pool, "decision_table", False):
+            return
+        s = pool.settings
+        try:
+            conn = await PgConn.connect(s.host, s.port, user=s.server_user, database=s.database_name,
+                                        password=s.server_password, timeout=s.connect_timeout, tls=s.tls,
+                                        tls_required=s.tls_required)
+        except (ConnectError, ServerError) as exc:
+            raise ServerError({"C": E.CONNECTION_FAILURE, "M": f"two-phase commit: {exc}"}) from None
+        try:
+            await conn.simple_query(CREATE_DECISION_TABLE)
+        except ServerError as exc:
+            if exc.code not in ("23505", "42P07"):  # created concurrently by another worker
+                raise
+        finally:
+            conn.close()
+        pool.decision_table = True
 
     async def set_statement(self, route, sql: str) -> None:
         change = route.session_change
@@ -828,7 +910,9 @@ class ShardedRelay:
         for srv in servers.values():
             await self.drain(srv)
         if wrap:
-            await self.run_on(list(servers), "ROLLBACK" if failed else "COMMIT")
+            error = await self.finish_on(list(servers), not failed, self.two_pc_auto)
+            if error is not None:
+                self.error(error)
         self.emit(M.ready_for_query(self.status()))
         await self.release_all()
 
