@@ -25,6 +25,8 @@ log = logging.getLogger("pgherd.worker")
 # Pool maintenance (idle_timeout, server_lifetime, min_pool_size) runs this often:
 # idle_timeout has millisecond units but second-level precision is what users expect.
 MAINTENANCE_INTERVAL = 1.0
+# Cross-shard constructs the sharded relay combines (router/merge.py refuses what it cannot).
+MERGEABLE = ("ORDER BY", "LIMIT", "OFFSET", "aggregate", "GROUP BY", "HAVING", "DISTINCT", "UNION")
 # Every database (PAUSE / MAINTENANCE ON without a name).
 ALL = "*"
 
@@ -203,7 +205,8 @@ class WorkerContext:
     def router_for(self, database: str) -> Router:
         router = self.routers.get(database)
         if router is None:
-            router = self.routers[database] = Router(ShardingPlan.from_config(self.config, database))
+            router = self.routers[database] = Router(ShardingPlan.from_config(self.config, database),
+                                                     mergeable=MERGEABLE)
         return router
 
     # ------------------------------------------------------------ pause / maintenance

@@ -23,6 +23,7 @@ import re
 
 import trio
 
+from pgherd.router.merge import MergeError, MergeRefused, plan_merge
 from pgherd.router.parse import ParseError, parse_statements
 from pgherd.router.route import Bind
 from pgherd.router.session import RoutingSession
@@ -59,7 +60,7 @@ class _Unit:
     """One step of an extended-protocol request: where it goes, what to send, which replies come back."""
 
     __slots__ = ("shards", "messages", "local", "local_route", "sync", "parse", "bind", "describe", "execute",
-                 "kind")
+                 "kind", "merge")
 
     def __init__(self, shards=(), messages=b"", local=b"", local_route=None, sync=False, parse=False,
                  bind=False, describe=None, execute=False) -> None:
@@ -73,6 +74,7 @@ class _Unit:
         self.describe = describe  # "S": ParameterDescription + RowDescription/NoData; "P": RowDescription/NoData
         self.execute = execute  # rows and CommandComplete / EmptyQueryResponse / PortalSuspended
         self.kind = ""
+        self.merge = None  # (MergePlan, client described the portal, Bind, result formats): rows merged
 
 
 def sum_tags(tags: list[str]) -> str:
@@ -96,6 +98,7 @@ class ShardedRelay:
         self.ctx = client.ctx
         self.cluster = client.cluster
         self.router = self.ctx.router_for(client.database)
+        self.key_columns = {rule.column for rule in self.router.plan.rules}
         self.shard_count = len(self.cluster.shards)
         self.session = RoutingSession.from_startup_options(client.startup_params)
         self.statements: dict[str, tuple[str, list[int]]] = {}
@@ -111,6 +114,7 @@ class ShardedRelay:
         self.rr = client.pid  # round robin over shards for any-one reads, per client start
         self.sticky: int | None = None
         self.copy_out = False
+        self.dropped = 0  # merged rows beyond an Execute's row limit
         # Two-phase commit (shared/twophase.py): for transactions that span shards, and
         # (_auto) for single statements that write on several shards outside a transaction.
         g, user = self.ctx.config.general, self.ctx.config.find_user(client.user, client.database)
@@ -345,6 +349,9 @@ class ShardedRelay:
         if not several and await self.answer_locally(route, sql, simple=True):
             return
         shards = self.targets(route)
+        if route.needs_merge and len(shards) > 1 and not several:
+            await self.merged_query(sql, shards)
+            return
         wrap = len(shards) > 1 and not self.in_tx and route.kind in _WRITE_KINDS and route.statements == 1
         try:
             servers = [await self.server(s) for s in shards]
@@ -381,6 +388,151 @@ class ShardedRelay:
             self.tx_failed = P.TX_FAILED in statuses
         if not failed:
             self.remember_settings(sql, servers)
+
+    # ================================================================ merged results (router/merge.py)
+    def merge_plan(self, sql: str):
+        """The merge plan of a cross-shard SELECT; PgError 0A000 when it cannot be merged correctly."""
+        try:
+            return plan_merge(sql, sharding_columns=self.key_columns)
+        except MergeRefused as exc:
+            raise E.PgError(getattr(exc, "code", None) or E.FEATURE_NOT_SUPPORTED, exc.message) from None
+
+    async def collation(self, srv) -> str:
+        """The shard database's collation (text order must be Postgres'): asked once per pool."""
+        pool = srv.pool
+        if getattr(pool, "datcollate", None) is None:
+            try:
+                results = await srv.conn.simple_query(
+                    "SELECT datcollate FROM pg_database WHERE datname = current_database()")
+            except ServerError as exc:
+                raise _server_error(exc) from None
+            except (net.PeerClosed, OSError):
+                await self.lost(srv)
+            pool.datcollate = next((r.rows[0][0] for r in results if r.rows), "C")
+        return pool.datcollate
+
+    def new_merger(self, plan, fields, count: int, bind=None, formats=None, collation: str = "C"):
+        try:
+            return plan.merger(fields, count, bind=bind, formats=formats, collation=collation,
+                               extra_float_digits=int(self.c.settings.get("extra_float_digits", "1") or 1))
+        except MergeRefused as exc:
+            raise E.PgError(getattr(exc, "code", None) or E.FEATURE_NOT_SUPPORTED, exc.message) from None
+
+    async def merged_query(self, sql: str, shards: list[int]) -> None:
+        """A cross-shard SELECT whose rows must be combined (ORDER BY, LIMIT, aggregates, ...)."""
+        try:
+            plan = self.merge_plan(sql)
+            servers = [await self.server(s) for s in shards]
+            collation = await self.collation(servers[0])
+        except E.PgError as exc:
+            await self.fail_request(exc)
+            return
+        for srv in servers:
+            await self.send(srv, M.query(plan.shard_sql))
+        failed = await self.merge_replies(plan, servers, describe=True, collation=collation)
+        for srv in servers:
+            await self.drain(srv)
+        if failed and self.in_tx:
+            self.tx_failed = True
+        self.emit(M.ready_for_query(self.status()))
+        await self.release_all()
+
+    async def merge_replies(self, plan, servers, describe: bool, collation: str, bind=None,
+                            formats=None, max_rows: int = 0) -> bool:
+        """Read every shard's rows of plan.shard_sql and send the merged result; True on error.
+
+        Each shard's reply must be at its RowDescription (simple Query) or its Describe's
+        RowDescription (extended). Shards are read only as the merge needs rows, so memory stays
+        bounded; after the last row the rest of each shard's (LIMIT-bounded) reply is dropped."""
+        heads = []
+        for srv in servers:
+            t, body = await self.reply(srv, False)
+            heads.append((t, body))
+        error = next((b for t, b in heads if t == P.B_ERROR_RESPONSE), None)
+        if error is not None:
+            self.emit(M.message(P.B_ERROR_RESPONSE, error))
+            return True
+        if any(t != P.B_ROW_DESCRIPTION for t, _ in heads):
+            self.error(E.PgError(E.INTERNAL_ERROR, "a shard did not describe the rows of a merged query"))
+            return True
+        fields = M.read_row_description(heads[0][1])
+        shape = [_shape(f) for f in fields]
+        if any([_shape(f) for f in M.read_row_description(b)] != shape for _, b in heads[1:]):
+            self.error(E.PgError("0A000", "the shards describe this query's rows differently (column types "
+                                          "differ between shards): it cannot be merged"))
+            return True
+        try:
+            merger = self.new_merger(plan, fields, len(servers), bind=bind, formats=formats, collation=collation)
+        except E.PgError as exc:
+            self.error(exc)
+            return True
+        if describe:
+            self.emit(M.row_description(plan.client_fields(fields)))
+        ended = [False] * len(servers)
+        sent = 0  # rows sent; with max_rows (Execute with a row limit) the rest is dropped
+        try:
+            while not merger.done:
+                if max_rows and sent >= max_rows:
+                    break
+                waiting = merger.waiting
+                if not waiting:
+                    break
+                for i in sorted(waiting):
+                    t, body = await self.reply(servers[i], False)
+                    if t == P.B_DATA_ROW:
+                        merger.push(i, body)
+                    elif t == P.B_COMMAND_COMPLETE:
+                        ended[i] = True
+                        merger.end(i)
+                    elif t == P.B_ERROR_RESPONSE:
+                        ended[i] = True
+                        self.emit(M.message(t, body))
+                        await self.skip_rows(servers, ended)
+                        return True
+                    else:
+                        raise E.PgError(E.INTERNAL_ERROR, f"unexpected message {chr(t)!r} in a merged result")
+                sent = self.emit_rows(merger.pop_ready(), sent, max_rows)
+                if self.out_size >= OUT_FLUSH_BYTES:
+                    await self.flush()
+            sent = self.emit_rows(merger.pop_ready(), sent, max_rows)
+            if max_rows and sent >= max_rows and not self.dropped:
+                # Is there a row beyond the limit? Then the portal is suspended, else complete.
+                extra = merger.pop_ready()
+                while not extra and not merger.done and merger.waiting:
+                    for i in sorted(merger.waiting):
+                        t, body = await self.reply(servers[i], False)
+                        if t == P.B_DATA_ROW:
+                            merger.push(i, body)
+                        else:
+                            ended[i] = True
+                            merger.end(i)
+                    extra = merger.pop_ready()
+                self.dropped += len(extra)
+        except MergeError as exc:
+            self.error(E.PgError(exc.code, exc.message))
+            await self.skip_rows(servers, ended)
+            return True
+        suspended = bool(max_rows) and self.dropped > 0
+        self.dropped = 0
+        await self.skip_rows(servers, ended)
+        self.emit(M.portal_suspended() if suspended else M.command_complete(f"SELECT {sent}"))
+        return False
+
+    def emit_rows(self, rows, sent: int, max_rows: int) -> int:
+        for row in rows:
+            if max_rows and sent >= max_rows:
+                self.dropped += 1
+                continue
+            self.emit(row)
+            sent += 1
+        return sent
+
+    async def skip_rows(self, servers, ended: list[bool]) -> None:
+        """Drop the rest of each shard's rows up to its end message (bounded: shards got LIMIT n+m)."""
+        for i, srv in enumerate(servers):
+            while not ended[i]:
+                t, _ = await self.reply(srv, False)
+                ended[i] = t in (P.B_COMMAND_COMPLETE, P.B_ERROR_RESPONSE, P.B_EMPTY_QUERY_RESPONSE)
 
     async def relay_statements(self, servers) -> bool:
         """The replies of a simple Query on every server, statement by statement; True on error."""
@@ -774,11 +926,22 @@ class ShardedRelay:
         if route.tx_control is not None or route.kind == "set" or route.admin_answer is not None:
             portal.local = route
             return _Unit(local_route=(route, sql, execute, portal.describe))
-        if execute and max_rows and route.cross_shard:
+        if execute and max_rows and route.cross_shard and route.kind != "select":
             raise E.PgError(E.FEATURE_NOT_SUPPORTED,
                             "fetching a cross-shard result in parts (Execute with a row limit) is not supported; "
                             "fetch all rows, or filter by the sharding key")
         portal.shards = self.targets(route)
+        if len(portal.shards) > 1 and execute and (route.needs_merge or max_rows):
+            plan = self.merge_plan(sql)
+            data = [M.parse("", plan.shard_sql, types),
+                    M.bind("", "", msg.params, msg.param_formats, plan.shard_formats(msg.result_formats)),
+                    M.describe("P", ""), M.execute("", 0)]
+            unit = _Unit(shards=portal.shards, messages=b"".join(data), parse=True, bind=True, execute=True)
+            unit.merge = (plan, portal.describe, bind, msg.result_formats, max_rows)
+            portal.local = "fetched"  # its rows beyond max_rows are gone: it cannot be fetched again
+            unit.kind = route.kind
+            portal.describe = False
+            return unit
         data = [M.parse("", sql, types), M.bind("", "", msg.params, msg.param_formats, msg.result_formats)]
         if portal.describe:
             data.append(M.describe("P", ""))
@@ -802,6 +965,9 @@ class ShardedRelay:
         wrap = len(involved) > 1 and not self.in_tx and any(u.kind in _WRITE_KINDS for u in remote)
         try:
             servers = {s: await self.server(s) for s in involved}
+            for u in remote:
+                if u.merge is not None:
+                    await self.collation(servers[u.shards[0]])  # before the requests go out
             if wrap:
                 await self.run_on(involved, "BEGIN")
         except E.PgError as exc:
@@ -853,6 +1019,8 @@ class ShardedRelay:
 
     async def relay_unit(self, servers, unit: _Unit) -> bool:
         """Forward one unit's replies from its servers, combined; True if it failed."""
+        if unit.merge is not None:
+            return await self.relay_merged(servers, unit)
         tags: list[str] = []
         ends = []
         for i, srv in enumerate(servers):
@@ -868,6 +1036,26 @@ class ShardedRelay:
             else:
                 self.emit(M.message(t0, b0))
         return False
+
+    async def relay_merged(self, servers, unit: _Unit) -> bool:
+        """A merged cross-shard Execute: ParseComplete and BindComplete from each shard, then merge."""
+        plan, describe, bind, formats, max_rows = unit.merge
+        for i, srv in enumerate(servers):
+            for want in (P.B_PARSE_COMPLETE, P.B_BIND_COMPLETE):
+                t, body = await self.reply(srv, False)
+                if t == P.B_ERROR_RESPONSE:
+                    self.emit(M.message(t, body))
+                    return True
+        self.emit(M.bind_complete())
+        try:
+            collation = getattr(servers[0].pool, "datcollate", None) or "C"
+            return await self.merge_replies(plan, servers, describe, collation, bind=bind, formats=formats,
+                                            max_rows=max_rows)
+        except E.PgError as exc:
+            if exc.fatal:
+                raise
+            self.error(exc)
+            return True
 
     async def unit_replies(self, srv, unit: _Unit, first: bool, tags: list[str]) -> tuple[int, bytes]:
         """Read one server's replies to a unit; returns the last message (or the ErrorResponse)."""
@@ -926,6 +1114,11 @@ class _Portal:
         self.describe = False
         self.shards = None  # set when sent to its shards
         self.local = None  # the route, when pgherd answers it
+
+
+def _shape(field) -> tuple:
+    """What must agree between shards' RowDescriptions (table OIDs differ from one database to another)."""
+    return field.name, field.type_oid, field.type_size, field.type_modifier, field.format
 
 
 def _calls_unique_id(route, sql: str) -> bool:
