@@ -205,8 +205,10 @@ class WorkerContext:
     def router_for(self, database: str) -> Router:
         router = self.routers.get(database)
         if router is None:
-            router = self.routers[database] = Router(ShardingPlan.from_config(self.config, database),
-                                                     mergeable=MERGEABLE)
+            rw = self.config.rewrite
+            router = self.routers[database] = Router(
+                ShardingPlan.from_config(self.config, database), mergeable=MERGEABLE, split_copy=True,
+                split_inserts=rw.enabled and rw.split_inserts == "rewrite")
         return router
 
     # ------------------------------------------------------------ pause / maintenance

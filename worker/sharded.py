@@ -25,6 +25,7 @@ import trio
 
 from pgherd.router.merge import MergeError, MergeRefused, plan_merge
 from pgherd.router.parse import ParseError, parse_statements
+from pgherd.router.rewrite import RewriteError
 from pgherd.router.route import Bind
 from pgherd.router.session import RoutingSession
 from pgherd.router.settings import analyze as session_analyze
@@ -36,6 +37,7 @@ from pgherd.shared.wire import messages as M
 from pgherd.shared.wire import protocol as P
 
 from .pool import sync_params
+from .shardwrites import ShardWrites
 
 log = logging.getLogger("pgherd.sharded")
 
@@ -50,6 +52,7 @@ _COUNTED_TAGS = frozenset(["INSERT", "UPDATE", "DELETE", "SELECT", "COPY", "MERG
 # Data writes that run inside BEGIN/COMMIT on each shard when they reach several shards.
 _WRITE_KINDS = frozenset(["insert", "update", "delete", "merge"])
 _UNIQUE_ID_CALL = re.compile(r'"?pg(?:herd|dog)"?\s*\.\s*"?unique_id"?\s*\(\s*\)', re.I)
+_FLUSH, _SYNC = M.flush(), M.sync()
 _TEXT, _INT8 = 25, 20  # type OIDs of SHOW pgherd.* columns
 # A value no setting has: marks a server setting pgherd no longer knows (see remember_settings).
 _UNKNOWN = "\x00unknown"
@@ -60,7 +63,7 @@ class _Unit:
     """One step of an extended-protocol request: where it goes, what to send, which replies come back."""
 
     __slots__ = ("shards", "messages", "local", "local_route", "sync", "parse", "bind", "describe", "execute",
-                 "kind", "merge")
+                 "kind", "merge", "special")
 
     def __init__(self, shards=(), messages=b"", local=b"", local_route=None, sync=False, parse=False,
                  bind=False, describe=None, execute=False) -> None:
@@ -75,6 +78,7 @@ class _Unit:
         self.execute = execute  # rows and CommandComplete / EmptyQueryResponse / PortalSuspended
         self.kind = ""
         self.merge = None  # (MergePlan, client described the portal, Bind, result formats): rows merged
+        self.special = None  # async fn(servers) -> failed: a rewritten write (worker/shardwrites.py)
 
 
 def sum_tags(tags: list[str]) -> str:
@@ -90,7 +94,7 @@ def sum_tags(tags: list[str]) -> str:
     return " ".join(words[:-1] + [str(total)])
 
 
-class ShardedRelay:
+class ShardedRelay(ShardWrites):
     """Serves one client of a sharded database until it leaves."""
 
     def __init__(self, client) -> None:
@@ -115,6 +119,7 @@ class ShardedRelay:
         self.sticky: int | None = None
         self.copy_out = False
         self.dropped = 0  # merged rows beyond an Execute's row limit
+        self.unsynced: set[int] = set()  # shards sent extended messages since the last Sync
         # Two-phase commit (shared/twophase.py): for transactions that span shards, and
         # (_auto) for single statements that write on several shards outside a transaction.
         g, user = self.ctx.config.general, self.ctx.config.find_user(client.user, client.database)
@@ -124,6 +129,12 @@ class ShardedRelay:
             else g.two_phase_commit_auto
         self.two_pc = two_pc
         self.two_pc_auto = two_pc if auto is None else (auto and two_pc)
+        # [rewrite]: each mode acts only with enabled = true (PgDog's master switch).
+        rw = self.ctx.config.rewrite
+        self.rewrite_split_inserts = rw.enabled and rw.split_inserts == "rewrite"
+        self.rewrite_shard_key = rw.enabled and rw.shard_key == "rewrite"
+        self.rewrite_primary_key = rw.enabled and rw.primary_key == "rewrite"
+        self.primary_keys: dict[str, str] = {}  # table -> its bigint primary key column ("" if none)
 
     # ================================================================ output
     def emit(self, data: bytes) -> None:
@@ -346,6 +357,19 @@ class ShardedRelay:
                 return
             route = self.route(sql)
         several = route.statements > 1 and route.refuse is None and not self.tx_failed
+        if route.split_copy and not several and not self.tx_failed:
+            await self.copy_split(sql)
+            return
+        if not several and not self.tx_failed:
+            try:
+                sql, route = await self.add_ids(sql, route, None)
+                rewritten = self.rewritten_write(route, sql, None, (), True, True, extended=False)
+            except E.PgError as exc:
+                await self.fail_request(exc)
+                return
+            if rewritten is not None:
+                await self.run_units([rewritten, _Unit(sync=True)], synced=True)
+                return
         if not several and await self.answer_locally(route, sql, simple=True):
             return
         shards = self.targets(route)
@@ -388,6 +412,37 @@ class ShardedRelay:
             self.tx_failed = P.TX_FAILED in statuses
         if not failed:
             self.remember_settings(sql, servers)
+
+    # ================================================================ rewritten writes (worker/shardwrites.py)
+    async def add_ids(self, sql: str, route, bind):
+        """[rewrite] primary_key = "rewrite": fill an omitted bigint primary key with unique ids."""
+        if self.rewrite_primary_key and route.kind == "insert" and route.statements == 1:
+            new = await self.with_primary_key(sql)
+            if new != sql:
+                return new, self.route(new, bind)
+        return sql, route
+
+    def rewritten_write(self, route, sql: str, bind, formats, describe: bool, execute: bool,
+                        extended: bool = True) -> _Unit | None:
+        """A unit running a multi-shard INSERT split by shard, or an UPDATE moving a row between
+        shards ([rewrite] split_inserts / shard_key = "rewrite"); None for other statements."""
+        if not execute:
+            return None
+        try:
+            if route.split_insert and self.rewrite_split_inserts:
+                shards, special = self.split_unit(sql, bind, formats, describe, extended)
+            elif route.kind == "update" and route.refuse is not None and self.rewrite_shard_key:
+                found = self.move_unit(sql, bind, formats, describe, extended)
+                if found is None:
+                    return None
+                shards, special = found
+            else:
+                return None
+        except RewriteError as exc:
+            raise E.PgError(exc.code, exc.message) from None
+        unit = _Unit(shards=shards)
+        unit.special, unit.kind = special, route.kind
+        return unit
 
     # ================================================================ merged results (router/merge.py)
     def merge_plan(self, sql: str):
@@ -824,13 +879,13 @@ class ShardedRelay:
         units: list[_Unit] = []
         for t, body in batch:
             if t == P.F_SYNC:
-                units.extend(self.unexecuted_portals())
+                units.extend(await self.unexecuted_portals())
                 units.append(_Unit(sync=True))
                 continue
             if self.batch_failed:
                 continue  # after an error, everything up to Sync is skipped (as Postgres does)
             try:
-                unit = self.plan_message(t, body)
+                unit = await self.plan_message(t, body)
             except E.PgError as exc:
                 if exc.fatal:
                     raise
@@ -843,7 +898,7 @@ class ShardedRelay:
             self.batch_failed = False
         await self.run_units(units, synced)
 
-    def plan_message(self, t: int, body: bytes) -> _Unit | None:
+    async def plan_message(self, t: int, body: bytes) -> _Unit | None:
         if t == P.F_PARSE:
             msg = M.read_parse(body)
             self.statements[msg.name] = (msg.query, list(msg.param_types))
@@ -888,23 +943,23 @@ class ShardedRelay:
             portal = self.portals.get(name)
             if portal is None:
                 raise E.PgError("34000", f'portal "{name}" does not exist')
-            return self.portal_unit(portal, max_rows)
+            return await self.portal_unit(portal, max_rows)
         return None  # Flush
 
-    def unexecuted_portals(self) -> list[_Unit]:
+    async def unexecuted_portals(self) -> list[_Unit]:
         """Bound (and maybe described) portals never executed: their BindComplete is still due."""
         units = []
         for portal in self.portals.values():
             if portal.shards is None and not self.batch_failed:
                 try:
-                    units.append(self.portal_unit(portal, None))
+                    units.append(await self.portal_unit(portal, None))
                 except E.PgError as exc:
                     units.append(_Unit(local=exc.to_bytes()))
                     self.batch_failed = True
         self.portals = {k: p for k, p in self.portals.items() if self.in_tx and p.shards is not None}
         return units
 
-    def portal_unit(self, portal: "_Portal", max_rows) -> _Unit:
+    async def portal_unit(self, portal: "_Portal", max_rows) -> _Unit:
         """The messages that run a bound portal on its shards: Parse + Bind [+ Describe] [+ Execute]."""
         execute = max_rows is not None
         if portal.shards is not None:
@@ -920,6 +975,11 @@ class ShardedRelay:
         if _calls_unique_id(route, sql):
             sql = self.with_unique_ids(sql)
             route = self.route(sql, bind)
+        sql, route = await self.add_ids(sql, route, bind)
+        rewritten = self.rewritten_write(route, sql, bind, msg.result_formats, portal.describe, execute)
+        if rewritten is not None:
+            portal.shards, portal.local, portal.describe = rewritten.shards, "rewritten", False
+            return rewritten
         if route.refuse is not None:
             raise E.PgError(route.refuse_code, route.refuse)
         portal.shards = ()
@@ -954,20 +1014,19 @@ class ShardedRelay:
         return unit
 
     async def run_units(self, units: list[_Unit], synced: bool) -> None:
-        """Send each unit to its shards, then forward the replies in request order."""
-        remote = [u for u in units if u.messages]
+        """Run the units in request order: each is sent (ending with Flush) to its shards and its
+        replies are forwarded before the next one goes out, so nothing runs after an error."""
         involved: list[int] = []
-        for u in remote:
+        for u in units:
             for s in u.shards:
                 if s not in involved:
                     involved.append(s)
-        involved += [s for s in self.servers if s not in involved and synced]
-        wrap = len(involved) > 1 and not self.in_tx and any(u.kind in _WRITE_KINDS for u in remote)
+        wrap = len(involved) > 1 and not self.in_tx and any(u.kind in _WRITE_KINDS for u in units)
         try:
             servers = {s: await self.server(s) for s in involved}
-            for u in remote:
+            for u in units:
                 if u.merge is not None:
-                    await self.collation(servers[u.shards[0]])  # before the requests go out
+                    await self.collation(servers[u.shards[0]])
             if wrap:
                 await self.run_on(involved, "BEGIN")
         except E.PgError as exc:
@@ -977,18 +1036,19 @@ class ShardedRelay:
             if self.in_tx:
                 self.tx_failed = True
             self.emit(M.ready_for_query(self.status()))
+            self.batch_failed = not synced
             await self.release_all()
             return
-        for s, srv in servers.items():
-            data = b"".join(u.messages for u in remote if s in u.shards)
-            await self.send(srv, data + (M.sync() if synced else M.flush()))
         failed = False
         for u in units:
             if u.sync:
-                await self.end_sync(servers, failed, wrap)
+                await self.end_sync(failed, wrap)
                 failed = False
-            elif failed:
+                continue
+            if failed:
                 continue  # the servers skip to Sync after an error; so does the client
+            if u.special is not None:
+                failed = await u.special([servers[s] for s in u.shards])
             elif u.local_route is not None:
                 await self.local_unit(*u.local_route)
                 failed = self.tx_failed and self.in_tx
@@ -996,6 +1056,9 @@ class ShardedRelay:
                 self.emit(u.local)
                 failed = u.local[0] == P.B_ERROR_RESPONSE
             else:
+                for s in u.shards:
+                    self.unsynced.add(s)
+                    await self.send(servers[s], u.messages + _FLUSH)
                 failed = await self.relay_unit([servers[s] for s in u.shards], u)
             if failed and self.in_tx:
                 self.tx_failed = True
@@ -1094,11 +1157,16 @@ class ShardedRelay:
         else:
             await self.set_statement(route, sql)
 
-    async def end_sync(self, servers, failed: bool, wrap: bool) -> None:
-        for srv in servers.values():
-            await self.drain(srv)
+    async def end_sync(self, failed: bool, wrap: bool) -> None:
+        """Sync: every server that got messages since the last Sync answers with ReadyForQuery."""
+        shards = [s for s in self.servers if s in self.unsynced]
+        self.unsynced.clear()
+        for s in shards:
+            await self.send(self.servers[s], _SYNC)
+        for s in shards:
+            await self.drain(self.servers[s])
         if wrap:
-            error = await self.finish_on(list(servers), not failed, self.two_pc_auto)
+            error = await self.finish_on(list(self.servers), not failed, self.two_pc_auto)
             if error is not None:
                 self.error(error)
         self.emit(M.ready_for_query(self.status()))
