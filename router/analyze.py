@@ -120,7 +120,7 @@ class Scope:
     """One SELECT level (or a DML statement's own level): its tables, conditions and constructs."""
 
     __slots__ = ("parent", "names", "refs", "subs", "cond", "constructs", "correlated", "ctes", "group_keys",
-                 "detail", "value", "branches", "self_ref")
+                 "detail", "value", "branches", "self_ref", "key_joins", "key_fixed")
 
     def __init__(self, parent: Optional["Scope"]) -> None:
         self.parent = parent
@@ -138,6 +138,8 @@ class Scope:
         self.value = False
         self.branches: list[Scope] = []  # the two sides of UNION / INTERSECT / EXCEPT
         self.self_ref = False  # stands for a recursive CTE inside its own definition
+        self.key_joins: list[tuple[Ref, Ref]] = []  # key-sharded tables joined key = key (ANDed)
+        self.key_fixed: list[Ref] = []  # key-sharded tables whose key is compared with values (ANDed)
 
     def add_construct(self, name: str, detail: Optional[str] = None) -> None:
         if name not in self.constructs:
@@ -192,7 +194,7 @@ class StmtInfo:
         self.insert_const = 0
         self.insert_split_const = False
         self.key_sets: list[tuple[Cond, str]] = []  # UPDATE SET key = value
-        self.checks: list[tuple[Cond, str]] = []  # (subquery condition, what it is) to verify
+        self.checks: list[tuple] = []  # (condition, what it is[, what to do instead]) to verify
         self.merge: tuple[str, ...] = ()  # top-level combining constructs, in order of appearance
         self.refuse: Optional[Refusal] = None
         self.write_all = False  # DDL-like: every shard, by nature
@@ -364,6 +366,44 @@ class Analyzer:
         ref = self._lookup(qual, schema, scope)
         return None if ref is None else self._ref_key(ref, col)
 
+    def _outer_join_keys(self, quals: Any, scope: Scope) -> None:
+        """key = key conditions ANDed in an outer join's ON: the joined rows live on one shard."""
+        t = _typed(quals)
+        if t is None:
+            return
+        kind, body = t
+        if kind == "BoolExpr" and body.get("boolop") == "AND_EXPR":
+            for arg in body.get("args", []):
+                self._outer_join_keys(arg, scope)
+        elif kind == "A_Expr" and body.get("kind") == "AEXPR_OP" and _name_parts(body.get("name", []))[-1:] == ["="]:
+            left, right = self.key_of(body.get("lexpr"), scope), self.key_of(body.get("rexpr"), scope)
+            if left is not None and right is not None and left.signature == right.signature:
+                a, b = self.key_table(body.get("lexpr"), scope), self.key_table(body.get("rexpr"), scope)
+                if a is not None and b is not None and a is not b:
+                    scope.key_joins.append((a, b))
+
+    def _fix(self, column: Any, scope: Scope) -> None:
+        ref = self.key_table(column, scope)
+        if ref is not None:
+            scope.key_fixed.append(ref)
+
+    def key_table(self, node: Any, scope: Scope) -> Optional[Ref]:
+        """The key-sharded table whose sharding key column node names (in this scope), if any."""
+        t = _typed(node)
+        while t is not None and t[0] == "TypeCast":
+            t = _typed(t[1].get("arg"))
+        if t is None or t[0] != "ColumnRef":
+            return None
+        fields = t[1].get("fields", [])
+        col = _sval(fields[-1]) if fields else None
+        if col is None:
+            return None
+        if len(fields) >= 2:
+            ref = self._lookup(_sval(fields[-2]), _sval(fields[-3]) if len(fields) >= 3 else None, scope)
+            return ref if ref is not None and ref.key_sharded and self._ref_key(ref, col) is not None else None
+        owners = [r for r in scope.refs if r.key_sharded and self._ref_key(r, col) is not None]
+        return owners[0] if len(owners) == 1 else None
+
     def _lookup(self, qual: Optional[str], schema: Optional[str], scope: Scope) -> Optional[Ref]:
         crossed = []
         s: Optional[Scope] = scope
@@ -459,8 +499,12 @@ class Analyzer:
                 return c
             if op == "OR_EXPR":
                 c = 0
+                joins, fixed = len(scope.key_joins), len(scope.key_fixed)
                 for a in args:
                     c = self.c_or(c, self.eval_bool(a, scope))
+                # key = key or key = value inside OR does not restrict a table's rows
+                del scope.key_joins[joins:]
+                del scope.key_fixed[fixed:]
                 return c
             self.walk(args, scope)
             return self.all
@@ -486,15 +530,22 @@ class Analyzer:
         if ekind == "AEXPR_OP":
             left, right = self.key_of(lexpr, scope), self.key_of(rexpr, scope)
             if left is not None and right is None:
+                self._fix(lexpr, scope)
                 return self.eq_leaf(self.value_of(rexpr, left), left)
             if right is not None and left is None:
+                self._fix(rexpr, scope)
                 return self.eq_leaf(self.value_of(lexpr, right), right)
+            if left is not None and right is not None:
+                a, b = self.key_table(lexpr, scope), self.key_table(rexpr, scope)
+                if a is not None and b is not None and a is not b and left.signature == right.signature:
+                    scope.key_joins.append((a, b))  # co-located: equal keys live on the same shard
             return self.all  # key = key (a join) or no key at all
         if ekind == "AEXPR_IN":
             fn = self.key_of(lexpr, scope)
             t = _typed(rexpr)
             if fn is None or t is None or t[0] != "List":
                 return self.all
+            self._fix(lexpr, scope)
             c: Cond = 0
             for item in t[1].get("items", []):
                 c = self.c_or(c, self.eq_leaf(self.value_of(item, fn), fn))
@@ -503,6 +554,7 @@ class Analyzer:
             fn = self.key_of(lexpr, scope)
             if fn is None:
                 return self.all
+            self._fix(lexpr, scope)
             t = _typed(rexpr)
             while t is not None and t[0] == "TypeCast":
                 t = _typed(t[1].get("arg"))
@@ -693,13 +745,24 @@ class Analyzer:
                 return self.row_cond(ref.scope)
             return self.all
         if kind == "JoinExpr":
+            before = len(scope.refs)
             left = self.from_item(body.get("larg"), scope)
+            middle = len(scope.refs)
             right = self.from_item(body.get("rarg"), scope)
+            for name in body.get("usingClause", []):
+                # JOIN ... USING (key): the key columns of both sides are equal.
+                col = _sval(name)
+                a = [r for r in scope.refs[before:middle] if r.key_sharded and self._ref_key(r, col)]
+                b = [r for r in scope.refs[middle:] if r.key_sharded and self._ref_key(r, col)]
+                if len(a) == 1 and len(b) == 1 and self._ref_key(a[0], col).signature == \
+                        self._ref_key(b[0], col).signature:
+                    scope.key_joins.append((a[0], b[0]))
             jt = body.get("jointype", "JOIN_INNER")
             if jt == "JOIN_INNER":
                 quals = self.eval_bool(body["quals"], scope) if "quals" in body else self.all
                 return self.c_and(self.c_and(left, right), quals)
             self.walk(body.get("quals"), scope)
+            self._outer_join_keys(body.get("quals"), scope)
             if jt == "JOIN_LEFT":
                 return left
             if jt == "JOIN_RIGHT":
@@ -759,6 +822,14 @@ class Analyzer:
         run on exactly the one shard holding its rows, which must be the statement's shard.
         (Correlated subqueries follow their outer row, which is on the same shard.)"""
         value = value or scope.value
+        apart = self._unjoined(scope)
+        if apart is not None:
+            # Each group of tables joined on their keys must be restricted by a key value; then the
+            # statement is right only on one shard. A group without one: rows could be anywhere.
+            a, b, anchored = apart
+            info.checks.append((scope.cond if anchored else 0,
+                                f"a join of sharded tables {a.qualified} and {b.qualified} not on their sharding keys",
+                                "join them on their sharding keys (a.key = b.key), or filter each by its key"))
         if not is_top and not scope.correlated:
             combining = scope.combining()
             if combining and scope.reads_key_sharded():
@@ -767,6 +838,31 @@ class Analyzer:
                 info.checks.append((scope.cond, "a subquery used as a value"))
         for sub in scope.subs:
             self._collect_checks(sub, info, False, value and not scope.correlated)
+
+    @staticmethod
+    def _unjoined(scope: Scope) -> Optional[tuple[Ref, Ref, bool]]:
+        """Two key-sharded tables of one FROM list that no chain of key = key conditions connects
+        (their matching rows may sit on different shards, so a per-shard join misses them), and
+        whether every such group is restricted by a key value."""
+        tables = [r for r in scope.refs if r.key_sharded]
+        if len(tables) < 2:
+            return None
+        group = {id(r): i for i, r in enumerate(tables)}
+        def find(i: int) -> int:
+            while group[id(tables[i])] != i:
+                i = group[id(tables[i])]
+            return i
+        for a, b in scope.key_joins:
+            if id(a) in group and id(b) in group:
+                ra, rb = find(group[id(a)]), find(group[id(b)])
+                group[id(tables[ra])] = rb
+        roots = {find(i) for i in range(len(tables))}
+        if len(roots) == 1:
+            return None
+        fixed = {find(group[id(r)]) for r in scope.key_fixed if id(r) in group}
+        first = tables[0]
+        other = next(t for i, t in enumerate(tables) if find(i) != find(0))
+        return first, other, roots <= fixed
 
     def _SelectStmt(self, body: dict) -> StmtInfo:
         info = self._start("select")

@@ -466,12 +466,14 @@ class Router:
         count = _popcount(mask)
         cross = count > 1
         if manual is None:
-            for cond, what in info.checks:
+            for check in info.checks:
+                cond, what = check[0], check[1]
                 sub = self._ev(cond, bind)
                 if cross or sub != mask:
-                    raise _Refuse(f"{what} over sharded data would be computed separately on "
-                                  "each shard, giving a wrong result; restrict the subquery to the statement's "
-                                  "shard by its sharding key, or route with /* pgherd_shard: N */")
+                    fix = check[2] if len(check) > 2 else ("restrict the subquery to the statement's shard by its "
+                                                           "sharding key")
+                    raise _Refuse(f"{what} over sharded data would be computed separately on each shard, giving a "
+                                  f"wrong result; {fix}, or route with /* pgherd_shard: N */")
             for cond, column in info.key_sets:
                 m = self._ev(cond, bind)
                 if m != mask or cross:

@@ -216,11 +216,35 @@ def test_join_filtered_by_the_key(r):
     assert direct(r.route(q)) == want
     q = f"SELECT * FROM countries c, users u WHERE u.id = {A} AND c.code = u.country"
     assert direct(r.route(q)) == want
-    q = f"SELECT * FROM users u JOIN emails e ON e.user_id = u.id AND u.id = {A}"
-    assert direct(r.route(q)) == want
-    # the nullable side of an outer join does not restrict the rows
-    q = f"SELECT * FROM emails e LEFT JOIN users u ON u.id = e.user_id AND u.id = {A}"
-    assert r.route(q).shards is ALL
+    # emails is sharded by email: its rows for user A may be on any shard, so joining it to users
+    # not on the sharding keys cannot run per shard (however users is filtered)
+    for q in (f"SELECT * FROM users u JOIN emails e ON e.user_id = u.id AND u.id = {A}",
+              f"SELECT * FROM emails e LEFT JOIN users u ON u.id = e.user_id AND u.id = {A}"):
+        route = r.route(q)
+        assert route.refuse is not None and "not on their sharding keys" in route.refuse, route
+        assert route.refuse_code == "0A000"
+
+
+def test_joins_of_sharded_tables_need_their_keys():
+    """Two key-sharded tables joined on their keys are co-located; otherwise only if each side is
+    pinned to the statement's one shard by a key value."""
+    rt = router(sharded_tables=[{"name": "a", "column": "id"}, {"name": "b", "column": "id"}])
+    on_keys = ["SELECT * FROM a JOIN b ON a.id = b.id",
+               "SELECT * FROM a, b WHERE a.id = b.id AND a.id IN (1, 2, 3)",
+               "SELECT * FROM a LEFT JOIN b ON a.id = b.id AND b.x = 1",
+               "SELECT * FROM a JOIN b USING (id)"]
+    for q in on_keys:
+        assert rt.route(q).refuse is None, q
+    pinned = f"SELECT * FROM a JOIN b ON a.x = b.y WHERE a.id = {A} AND b.id = {A}"
+    assert direct(rt.route(pinned)) == shard_bigint(A, N)
+    refused = ["SELECT * FROM a JOIN b ON a.x = b.y",
+               f"SELECT * FROM a JOIN b ON a.x = b.y WHERE a.id = {A}",
+               "SELECT * FROM a, b WHERE a.id = b.id OR a.x = 1",
+               "SELECT * FROM a LEFT JOIN b ON a.x = b.x",
+               "SELECT * FROM a FULL JOIN b USING (x)"]
+    for q in refused:
+        route = rt.route(q)
+        assert route.refuse is not None and "not on their sharding keys" in route.refuse, q
 
 
 def test_derived_tables_and_ctes(r):
