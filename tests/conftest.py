@@ -29,6 +29,7 @@ from pathlib import Path
 from typing import Any, Callable, Iterator
 
 import pytest
+from hypothesis import settings
 
 from pgherd.shared.localpg import (
     PgCluster,
@@ -66,6 +67,13 @@ LOG_TAIL_LINES = 80
 def pytest_configure(config: pytest.Config) -> None:
     config.addinivalue_line("markers", "slow: takes seconds (extra clusters, replication, restarts)")
     config.addinivalue_line("markers", "destructive: stops, crashes or reconfigures a PostgreSQL server")
+
+
+# Property tests run next to Postgres clusters and pgherd processes on a small machine: a
+# per-example deadline only measures the machine's load, never the code (hypothesis' default 200 ms
+# failed an unchanged SCRAM test under load). Correctness is what they check; speed is scripts/bench's.
+settings.register_profile("pgherd", deadline=None)
+settings.load_profile("pgherd")
 
 
 # ---------------------------------------------------------------------------------------------

@@ -118,6 +118,8 @@ class ShardedRelay(ShardWrites):
         self.rr = client.pid  # round robin over shards for any-one reads, per client start
         self.sticky: int | None = None
         self.copy_out = False
+        self.copy_join: _CopyOut | None = None  # joins the shards' COPY TO streams
+        self.same_rows = False  # an omnisharded write: every shard counts the client's rows
         self.dropped = 0  # merged rows beyond an Execute's row limit
         self.unsynced: set[int] = set()  # shards sent extended messages since the last Sync
         # Two-phase commit (shared/twophase.py): for transactions that span shards, and
@@ -303,19 +305,30 @@ class ShardedRelay(ShardWrites):
                 srv.tx = srv.conn.tx_status
 
     # ================================================================ reading replies
-    async def read_unit(self, srv, first: bool, tags: list[str]) -> tuple[int, bytes]:
+    async def read_unit(self, srv, first: bool, tags: list[str], last: bool = True) -> tuple[int, bytes]:
         """Forward one statement's reply from srv; returns its end message (type, body).
 
         Headers (RowDescription, CopyOutResponse, ParameterDescription) are forwarded from the
-        first shard only; rows from every shard; the end message is left to the caller.
+        first shard only; rows from every shard; the end message is left to the caller. COPY TO
+        data goes through self.copy_join (one CSV header, one binary file header and trailer).
         """
         while True:
             t, body = await self.read(srv)
-            if t == P.B_DATA_ROW or t == P.B_COPY_DATA:
+            if t == P.B_DATA_ROW:
                 self.emit(M.message(t, body))
                 if self.out_size >= OUT_FLUSH_BYTES:
                     await self.flush()
+            elif t == P.B_COPY_DATA:
+                data = body if self.copy_join is None else self.copy_join.data(first, body)
+                if data:
+                    self.emit(M.copy_data(data))
+                if self.out_size >= OUT_FLUSH_BYTES:
+                    await self.flush()
             elif t in _UNIT_END:
+                if t == P.B_COMMAND_COMPLETE and self.copy_join is not None and self.copy_out:
+                    trailer = self.copy_join.end(last)
+                    if trailer:
+                        self.emit(M.copy_data(trailer))
                 if t == P.B_COMMAND_COMPLETE:
                     tags.append(M.read_command_complete(body))
                 elif t == P.B_READY_FOR_QUERY:
@@ -386,7 +399,12 @@ class ShardedRelay(ShardWrites):
             return
         for srv in servers:
             await self.send(srv, M.query(sql))
-        failed = await self.relay_statements(servers)
+        self.same_rows = route.omnisharded and route.write_all
+        self.copy_join = _CopyOut.of(sql) if route.kind == "copy" and len(servers) > 1 else None
+        try:
+            failed = await self.relay_statements(servers)
+        finally:
+            self.same_rows, self.copy_join = False, None
         if wrap:
             error = await self.finish_on(shards, not failed, self.two_pc_auto)
             if error is not None:
@@ -597,7 +615,7 @@ class ShardedRelay(ShardWrites):
             tags: list[str] = []
             ends = []
             for i, srv in enumerate(live):
-                ends.append(await self.read_unit(srv, i == 0, tags))
+                ends.append(await self.read_unit(srv, i == 0, tags, last=i == len(live) - 1))
             if any(t == P.B_COPY_IN_RESPONSE for t, _ in ends):
                 failed = await self.copy_in(live, ends)
                 continue
@@ -624,7 +642,8 @@ class ShardedRelay(ShardWrites):
                 if self.copy_out:
                     self.emit(M.copy_done())  # once, after every shard's rows
                     self.copy_out = False
-                self.emit(M.command_complete(sum_tags(tags)))
+                # Omnisharded writes ran the same rows on every copy: the client's count is one shard's.
+                self.emit(M.command_complete(tags[0] if self.same_rows else sum_tags(tags)))
             else:
                 self.emit(M.message(t0, b0))
         return failed
@@ -657,7 +676,7 @@ class ShardedRelay(ShardWrites):
                 if t != P.B_READY_FOR_QUERY:
                     await self.drain(srv)
             return True
-        self.emit(M.command_complete(sum_tags(tags)))
+        self.emit(M.command_complete(tags[0] if self.same_rows else sum_tags(tags)))
         return False
 
     async def fail_request(self, exc: E.PgError) -> None:
@@ -1171,6 +1190,69 @@ class ShardedRelay(ShardWrites):
                 self.error(error)
         self.emit(M.ready_for_query(self.status()))
         await self.release_all()
+
+
+class _CopyOut:
+    """Joins several shards' COPY … TO STDOUT streams into the one file the client expects.
+
+    Postgres sends a CSV header line as the first CopyData; a binary file starts with its 19-byte
+    header (signature, flags, extension length) plus extension and ends with the int16 -1 trailer
+    ("COPY", File Formats). Only the first shard's header and the last shard's trailer are kept.
+    """
+
+    __slots__ = ("header", "binary", "started", "skip", "held")
+
+    def __init__(self, header: bool, binary: bool) -> None:
+        self.header, self.binary = header, binary
+        self.started = False  # the current shard sent its first CopyData
+        self.skip = 0  # binary: header bytes of the current shard still to drop
+        self.held = b""  # binary: the last 2 bytes seen (the trailer, once the shard ends)
+
+    @classmethod
+    def of(cls, sql: str) -> "_CopyOut | None":
+        try:
+            stmts = parse_statements(sql)
+        except ParseError:
+            return None
+        copy = stmts[0].get("CopyStmt") if len(stmts) == 1 else None
+        if copy is None or copy.get("is_from"):
+            return None
+        options = {}
+        for item in copy.get("options", []):
+            d = item.get("DefElem", {})
+            arg = d.get("arg")
+            text = next(iter(arg.values()), {}) if isinstance(arg, dict) else {}
+            value = next(iter(text.values()), True) if isinstance(text, dict) and text else True
+            options[d.get("defname", "").lower()] = str(value).lower()
+        fmt = options.get("format", "text")
+        header = fmt == "csv" and options.get("header", "false") in ("true", "on", "1", "match")
+        return cls(header, fmt == "binary") if header or fmt == "binary" else None
+
+    def data(self, first: bool, payload: bytes) -> bytes:
+        if not self.started:
+            self.started = True
+            if self.header and not first:
+                return b""  # the header line again
+            if self.binary and not first:
+                self.skip = -1  # drop the header once its length is known
+        if not self.binary:
+            return payload
+        data = self.held + payload
+        if self.skip == -1 and len(data) >= 19:
+            self.skip = 19 + int.from_bytes(data[15:19], "big")
+        if self.skip > 0:
+            cut = min(self.skip, len(data))
+            data, self.skip = data[cut:], self.skip - cut
+        if self.skip == -1:
+            self.held = data
+            return b""
+        self.held = data[-2:]
+        return data[:-2]
+
+    def end(self, last: bool) -> bytes:
+        """At a shard's end: the held trailer for the last shard, nothing for the others."""
+        held, self.held, self.started, self.skip = self.held, b"", False, 0
+        return held if last and self.binary else b""
 
 
 class _Portal:
