@@ -122,6 +122,7 @@ class ShardedRelay(ShardWrites):
         self.same_rows = False  # an omnisharded write: every shard counts the client's rows
         self.dropped = 0  # merged rows beyond an Execute's row limit
         self.unsynced: set[int] = set()  # shards sent extended messages since the last Sync
+        self.synced: set[int] = set()  # shards sent the request's Sync already (ReadyForQuery due)
         # Two-phase commit (shared/twophase.py): for transactions that span shards, and
         # (_auto) for single statements that write on several shards outside a transaction.
         g, user = self.ctx.config.general, self.ctx.config.find_user(client.user, client.database)
@@ -1058,8 +1059,20 @@ class ShardedRelay(ShardWrites):
             self.batch_failed = not synced
             await self.release_all()
             return
+        # The last remote step before a Sync goes out with the Sync itself: one round trip.
+        with_sync = {}
+        pending = None
+        for k, u in enumerate(units):
+            if u.sync:
+                if pending is not None:
+                    with_sync[pending] = True
+                pending = None
+            elif u.messages and u.special is None:
+                pending = k
+            elif u.special is not None:
+                pending = None
         failed = False
-        for u in units:
+        for k, u in enumerate(units):
             if u.sync:
                 await self.end_sync(failed, wrap)
                 failed = False
@@ -1075,9 +1088,13 @@ class ShardedRelay(ShardWrites):
                 self.emit(u.local)
                 failed = u.local[0] == P.B_ERROR_RESPONSE
             else:
+                last = with_sync.get(k, False)
                 for s in u.shards:
-                    self.unsynced.add(s)
-                    await self.send(servers[s], u.messages + _FLUSH)
+                    if last:
+                        self.synced.add(s)
+                    else:
+                        self.unsynced.add(s)
+                    await self.send(servers[s], u.messages + (_SYNC if last else _FLUSH))
                 failed = await self.relay_unit([servers[s] for s in u.shards], u)
             if failed and self.in_tx:
                 self.tx_failed = True
@@ -1178,12 +1195,14 @@ class ShardedRelay(ShardWrites):
 
     async def end_sync(self, failed: bool, wrap: bool) -> None:
         """Sync: every server that got messages since the last Sync answers with ReadyForQuery."""
-        shards = [s for s in self.servers if s in self.unsynced]
-        self.unsynced.clear()
+        shards = [s for s in self.servers if s in self.unsynced and s not in self.synced]
         for s in shards:
             await self.send(self.servers[s], _SYNC)
-        for s in shards:
-            await self.drain(self.servers[s])
+        for s in self.servers:
+            if s in self.unsynced or s in self.synced:
+                await self.drain(self.servers[s])
+        self.unsynced.clear()
+        self.synced.clear()
         if wrap:
             error = await self.finish_on(list(self.servers), not failed, self.two_pc_auto)
             if error is not None:
