@@ -259,6 +259,22 @@ class _Base:
         out, self.out = self.out, []
         return out
 
+    def _enqueue(self, shard: Any, key: tuple, item: Any, what: str) -> None:
+        """Queue a shard's next row (or group) under its sort key; the heap holds each shard's head.
+        (Subclasses that merge sorted streams set queues, heap, seq, blocked and last_pushed.)"""
+        last = self.last_pushed.get(shard)
+        if last is not None and key < last:
+            raise MergeError(f"shard {shard} returned {what} out of the order pgherd merges in (is the text "
+                             "collation not C?)", "XX000")
+        self.last_pushed[shard] = key
+        q = self.queues[shard]
+        if not q:
+            heapq.heappush(self.heap, (key, self.seq, shard))
+            self.seq += 1
+            if shard in self.live:
+                self.blocked -= 1
+        q.append((key, item))
+
 
 class OrderedMerge(_Base):
     """Rows mode: see the module docstring."""
@@ -323,18 +339,7 @@ class OrderedMerge(_Base):
             key = _key_of(self.parts, _leading_values(body, self.read))
         except _BAD_VALUE as e:
             raise _unreadable(shard, e) from None
-        last = self.last_pushed.get(shard)
-        if last is not None and key < last:
-            raise MergeError(f"shard {shard} returned rows out of the order pgherd merges in (is the text "
-                             "collation not C?)", "XX000")
-        self.last_pushed[shard] = key
-        q = self.queues[shard]
-        if not q:
-            heapq.heappush(self.heap, (key, self.seq, shard))
-            self.seq += 1
-            if shard in self.live:
-                self.blocked -= 1
-        q.append((key, body))
+        self._enqueue(shard, key, body, "rows")
 
     def end(self, shard: Any) -> None:
         """The shard sent CommandComplete: no more rows from it."""
@@ -1018,18 +1023,7 @@ class AggregateMerge(_Base):
             key = _key_of(self.stream_parts, values)
         except _BAD_VALUE as e:
             raise _unreadable(shard, e) from None
-        last = self.last_pushed.get(shard)
-        if last is not None and key < last:
-            raise MergeError(f"shard {shard} returned groups out of the order pgherd merges in (is the text "
-                             "collation not C?)", "XX000")
-        self.last_pushed[shard] = key
-        q = self.queues[shard]
-        if not q:
-            heapq.heappush(self.heap, (key, self.seq, shard))
-            self.seq += 1
-            if shard in self.live:
-                self.blocked -= 1
-        q.append((key, values))
+        self._enqueue(shard, key, values, "groups")
 
     def end(self, shard: Any) -> None:
         """The shard sent CommandComplete: no more rows from it."""

@@ -144,8 +144,8 @@ class ShardedRelay(ShardWrites):
         self.out.append(data)
         self.out_size += len(data)
 
-    async def flush(self, force: bool = True) -> None:
-        if self.out and (force or self.out_size >= OUT_FLUSH_BYTES):
+    async def flush(self) -> None:
+        if self.out:
             data = b"".join(self.out)
             self.out.clear()
             self.out_size = 0
@@ -170,23 +170,30 @@ class ShardedRelay(ShardWrites):
                 c.pool.received += len(body) + 5
                 if t == P.F_TERMINATE:
                     return
-                if t == P.F_QUERY:
-                    await self.simple(body)
-                elif t in (P.F_PARSE, P.F_BIND, P.F_DESCRIBE, P.F_EXECUTE, P.F_CLOSE):
-                    self.batch.append((t, body))
-                elif t == P.F_SYNC or t == P.F_FLUSH:
-                    self.batch.append((t, body))
-                    await self.extended()
-                elif t == P.F_FUNCTION_CALL:
-                    self.error(E.PgError(E.FEATURE_NOT_SUPPORTED,
-                                         "the function call protocol is not supported on a sharded database"))
-                    self.emit(M.ready_for_query(self.status()))
-                elif t in (P.F_COPY_DATA, P.F_COPY_DONE, P.F_COPY_FAIL):
-                    pass  # COPY messages outside COPY are ignored, as Postgres does after an error
-                else:
-                    raise E.ProtocolViolation(f"invalid frontend message type {t}")
+                try:
+                    if t == P.F_QUERY:
+                        await self.simple(body)
+                    elif t in (P.F_PARSE, P.F_BIND, P.F_DESCRIBE, P.F_EXECUTE, P.F_CLOSE):
+                        self.batch.append((t, body))
+                    elif t == P.F_SYNC or t == P.F_FLUSH:
+                        self.batch.append((t, body))
+                        await self.extended()
+                    else:
+                        await self.other(t)
+                except ValueError as exc:  # a message body that does not decode ("Message Formats")
+                    raise E.ProtocolViolation(f"invalid {chr(t)!r} message: {exc}") from None
         finally:
             await self.release_all(force=True)
+
+    async def other(self, t: int) -> None:
+        """Messages outside the query protocols."""
+        if t == P.F_FUNCTION_CALL:
+            self.error(E.PgError(E.FEATURE_NOT_SUPPORTED,
+                                 "the function call protocol is not supported on a sharded database"))
+            self.emit(M.ready_for_query(self.status()))
+        elif t not in (P.F_COPY_DATA, P.F_COPY_DONE, P.F_COPY_FAIL):
+            # (COPY messages outside COPY are ignored, as Postgres does after an error.)
+            raise E.ProtocolViolation(f"invalid frontend message type {t}")
 
     # ================================================================ routing
     def route(self, sql: str, bind: Bind | None = None):
@@ -314,7 +321,7 @@ class ShardedRelay(ShardWrites):
         data goes through self.copy_join (one CSV header, one binary file header and trailer).
         """
         while True:
-            t, body = await self.read(srv)
+            t, body = await self.reply(srv, first)
             if t == P.B_DATA_ROW:
                 self.emit(M.message(t, body))
                 if self.out_size >= OUT_FLUSH_BYTES:
@@ -337,13 +344,6 @@ class ShardedRelay(ShardWrites):
                 return t, body
             elif t == P.B_COPY_DONE:
                 self.copy_out = True  # sent once by the caller after every shard's data
-            elif t == P.B_NOTICE_RESPONSE or t == P.B_NOTIFICATION_RESPONSE:
-                self.emit(M.message(t, body))
-            elif t == P.B_PARAMETER_STATUS:
-                name, value = M.read_parameter_status(body)
-                srv.conn.params[name] = value
-                if first:
-                    self.emit(M.message(t, body))
             elif t in (P.B_COPY_IN_RESPONSE, P.B_COPY_BOTH_RESPONSE):
                 return t, body
             elif first:

@@ -48,6 +48,8 @@ from psycopg import sql as psql_sql
 
 from pgherd.shared.localpg import pg_bin_dir
 from pgherd.shared.unique_id import decode
+from pgherd.shared.wire import messages as M
+from pgherd.shared.wire import protocol as P
 
 pytestmark = pytest.mark.timeout(60)
 
@@ -1516,3 +1518,30 @@ def test_pgherd_keeps_serving_after_bad_input(proc):
         with via(proc, db) as conn:
             assert conn.execute("SELECT 40 + 2").fetchone() == (42,)
 
+
+
+# ---------------------------------------------------------------------------------------------
+# Malformed messages on a sharded database
+
+
+@pytest.fixture(scope="module")
+def proc_trust(shards: Shards, pgherd_module: Any, pg: Any, helpers: Any, request: Any) -> Any:
+    """A pgherd with trust auth, so a hand-written client can log in."""
+    return _start(pgherd_module, pg, helpers, request, ("sharded",), {"auth_type": "trust"})
+
+
+@pytest.mark.parametrize("message", [
+    M.message(P.F_BIND, b"\x00"),  # cut short inside the portal name
+    M.message(P.F_PARSE, b"s\x00SELECT 1\x00\x00"),  # parameter count cut in half
+    M.message(P.F_EXECUTE, b"\x00\x00\x00"),  # row limit cut short
+    M.message(ord("k"), b""),  # not a frontend message type
+], ids=["bind", "parse", "execute", "unknown-type"])
+def test_malformed_message_gets_08P01_and_the_worker_keeps_serving(proc_trust: Any, helpers: Any, message: bytes):
+    with helpers.RawClient(proc_trust) as c:
+        c.startup(user=ALICE[0], database="sharded")
+        c.send(message + M.sync())
+        fields = c.expect_error_then_close()
+        assert fields["C"] == "08P01", fields
+    with helpers.RawClient(proc_trust) as c:
+        c.startup(user=ALICE[0], database="sharded")
+        assert [t for t, _ in c.query("SELECT 1")][-1] == "Z"
