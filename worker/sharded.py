@@ -136,7 +136,7 @@ class ShardedRelay(ShardWrites):
         rw = self.ctx.config.rewrite
         self.rewrite_split_inserts = rw.enabled and rw.split_inserts == "rewrite"
         self.rewrite_shard_key = rw.enabled and rw.shard_key == "rewrite"
-        self.rewrite_primary_key = rw.enabled and rw.primary_key == "rewrite"
+        self.primary_key_mode = rw.primary_key if rw.enabled else "ignore"
         self.primary_keys: dict[str, str] = {}  # table -> its bigint primary key column ("" if none)
 
     # ================================================================ output
@@ -434,9 +434,10 @@ class ShardedRelay(ShardWrites):
 
     # ================================================================ rewritten writes (worker/shardwrites.py)
     async def add_ids(self, sql: str, route, bind):
-        """[rewrite] primary_key = "rewrite": fill an omitted bigint primary key with unique ids."""
-        if self.rewrite_primary_key and route.kind == "insert" and route.statements == 1:
-            new = await self.with_primary_key(sql)
+        """[rewrite] primary_key: "rewrite" fills an omitted bigint primary key with unique ids,
+        "error" refuses the INSERT (PgDog's modes; "ignore" sends it as it is)."""
+        if self.primary_key_mode in ("rewrite", "error") and route.kind == "insert" and route.statements == 1:
+            new = await self.with_primary_key(sql, self.primary_key_mode)
             if new != sql:
                 return new, self.route(new, bind)
         return sql, route

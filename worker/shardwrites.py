@@ -160,7 +160,7 @@ class ShardWrites:
         return [move.old_shard, move.new_shard], run
 
     # ---------------------------------------------------------------- ids for an omitted primary key
-    async def with_primary_key(self, sql: str) -> str:
+    async def with_primary_key(self, sql: str, mode: str = "rewrite") -> str:
         """[rewrite] primary_key: an INSERT into a sharded table that omits its bigint primary key
         gets pgherd.unique_id() values for it (the key column is asked of shard 0 once per table)."""
         target = _insert_target(sql)
@@ -179,6 +179,11 @@ class ShardWrites:
             self.primary_keys[target] = column
         if not column or primary_key_rows(sql, column) is None:
             return sql
+        if mode == "error":
+            raise E.PgError(E.FEATURE_NOT_SUPPORTED, f"INSERT INTO {target} gives no value for its bigint primary key "
+                            f"{column} ([rewrite] primary_key = \"error\")",
+                            hint="give the key, or set [rewrite] primary_key = \"rewrite\" to fill it with "
+                                 "pgherd.unique_id()")
         return add_primary_key(sql, column, self.ctx.unique_ids.next_id) or sql
 
     # ---------------------------------------------------------------- COPY FROM STDIN

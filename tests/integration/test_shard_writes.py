@@ -183,9 +183,11 @@ shard_key = "rewrite"
 primary_key = "rewrite"
 """
 
-REWRITE_DEFAULTS = """
+# split_inserts and shard_key at their default ("error"); primary_key set to "error".
+REWRITE_STRICT = """
 [rewrite]
 enabled = true
+primary_key = "error"
 """
 
 SHARDING = "".join(f'\n[[sharded_tables]]\ndatabase = "sw"\nname = "{name}"\ncolumn = "{column}"\n'
@@ -212,7 +214,7 @@ def proc(shards: Shards, pgherd_module: Any, pg: Any) -> Any:
 
 @pytest.fixture(scope="module")
 def proc_strict(shards: Shards, pgherd_module: Any, pg: Any) -> Any:
-    return _start(pgherd_module, pg, REWRITE_DEFAULTS)
+    return _start(pgherd_module, pg, REWRITE_STRICT)
 
 
 def via(proc: Any, autocommit: bool = True, **kwargs: Any) -> psycopg.Connection:
@@ -526,6 +528,15 @@ def test_primary_key_rewrite_gives_unique_ids(proc: Any, clean: Shards) -> None:
     assert sum(1 for s in placed if s) >= 2, f"12 fresh ids all on one shard: {placed}"
     stored = sorted(v for shard_rows in clean.each("SELECT v FROM p") for (v,) in shard_rows)
     assert stored == sorted([*names, "s0", "s1", "solo"])
+
+
+def test_primary_key_error_mode_refuses_an_insert_without_its_key(proc_strict: Any, clean: Shards) -> None:
+    with via(proc_strict) as conn:
+        with pytest.raises(psycopg.errors.FeatureNotSupported) as err:
+            conn.execute("INSERT INTO p (v) VALUES ('no key')")
+        assert "primary key" in str(err.value)
+        conn.execute("INSERT INTO p (id, v) VALUES (%s, 'with key')", [42])
+    assert sum(len(rows) for rows in clean.each("SELECT v FROM p WHERE v = 'no key'")) == 0
 
 
 # ---------------------------------------------------------------------------------------------
