@@ -18,6 +18,10 @@ from pgherd.shared.hosts import host_key
 
 log = logging.getLogger("pgherd.cluster")
 
+# A ban this worker made itself survives broadcasts for this long: the supervisor's state may
+# still predate the HostFailed report (it re-broadcasts every 2 s).
+LOCAL_BAN_GRACE = 3.0
+
 PRIMARY = "primary"
 REPLICA = "replica"
 
@@ -31,6 +35,7 @@ class Health:
         self.bans: dict[str, float] = {}  # key -> time.monotonic() deadline
         self.infos: dict[str, dict] = {}  # the monitor's last word per host (SHOW REPLICATION)
         self.ban_timeout = 300.0
+        self.failed: dict[str, float] = {}  # key -> time.monotonic() of this worker's own ban
 
     def update(self, hosts) -> None:
         """Apply the monitor's broadcast (a list of HostInfo): it is the truth for every host it names."""
@@ -42,6 +47,11 @@ class Health:
             if h.banned:
                 until = h.banned_until if h.banned_until is not None else now_wall + self.ban_timeout
                 bans[h.key] = now + max(0.0, until - now_wall)
+        for key, at in list(self.failed.items()):
+            if now - at < LOCAL_BAN_GRACE:
+                bans.setdefault(key, self.bans.get(key, now + self.ban_timeout))
+            else:
+                del self.failed[key]
         self.bans = bans
 
     def banned(self, key: str) -> bool:
@@ -58,6 +68,7 @@ class Health:
         if not self.banned(key):
             log.warning("banning host %s for %.0f s: %s", key, self.ban_timeout, reason)
         self.bans[key] = time.monotonic() + self.ban_timeout
+        self.failed[key] = time.monotonic()
         if self.link is not None:
             from pgherd.shared.bus.messages import HostFailed
             self.link.send(HostFailed(key=key, reason=reason))
