@@ -75,6 +75,8 @@ _DISCARD_ALL = re.compile(r"^\s*discard\s+all\s*;?\s*$", re.I)
 _RFQ_TYPES = frozenset([P.F_QUERY, P.F_SYNC, P.F_FUNCTION_CALL])
 _EXTENDED_TYPES = frozenset([P.F_PARSE, P.F_BIND, P.F_DESCRIBE, P.F_EXECUTE, P.F_CLOSE])
 _VALID_REQUEST_TYPES = P.FRONTEND_TYPES - {P.F_PASSWORD}
+# First message types of a request _answer_locally may answer (Parse, Close, Sync, Flush only).
+_LOCAL_FIRST = frozenset([P.F_PARSE, P.F_CLOSE, P.F_SYNC, P.F_FLUSH])
 _unpack_hdr = HEADER.unpack_from
 # Connection errors that mean the host is down or going down: ban it and use another.
 _HOST_DOWN = frozenset([E.CONNECTION_FAILURE, E.ADMIN_SHUTDOWN, E.CANNOT_CONNECT_NOW, "57P02", "08001"])
@@ -421,9 +423,11 @@ class ClientSession:
                 if self.skip == 0 and self.buf[0] == P.F_TERMINATE:
                     raise ClientGone()
                 if self.begun is None and self.mode != "session":
-                    if self.ctx.rewrite_prepared and await self._answer_locally():
+                    # (Cheap checks first: most requests are neither, and an await costs.)
+                    first = self.buf[0] if not self.skip else 0
+                    if first in _LOCAL_FIRST and self.ctx.rewrite_prepared and await self._answer_locally():
                         continue
-                    if await self._answer_set_locally():
+                    if first == P.F_QUERY and await self._answer_set_locally():
                         continue
                 try:
                     attached = await self._attach()
@@ -1505,6 +1509,8 @@ class ClientSession:
         srv.client = self
         self.state = "active"
         self.server = srv
+        if srv.set_params == self.settings:
+            return True  # the common case: nothing to sync, no await
         try:
             await sync_params(srv, self.settings)
         except ServerError as exc:
