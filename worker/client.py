@@ -1361,8 +1361,10 @@ class ClientSession:
         """
         if await self._answer_begin_locally():
             return False
-        read = self._reads_only()
-        forced = read and self._wanted_role() == "replica"
+        rw = self._head_rw() if self.mode != "session" else None
+        wanted = self._wanted_role(rw)
+        read = self._reads_only(rw, wanted)
+        forced = read and wanted == "replica"  # asked for: a replica even under prefer_primary
         begin = self._take_begin()
         shard = self.cluster.shards[0]
         tried: list = []
@@ -1424,21 +1426,17 @@ class ClientSession:
         sql = self._head_query()
         return self.ctx.rw.classify(sql) if sql is not None else None
 
-    def _wanted_role(self) -> str | None:
+    def _wanted_role(self, rw) -> str | None:
         """The role the client asked for: this statement's comment, else its session setting."""
-        rw = self._head_rw() if self.mode != "session" else None
         if rw is not None and rw.role in ("primary", "replica"):
             return rw.role
         return self.role_override
 
-    def _reads_only(self) -> bool:
-        """Whether this request (and, inside a deferred transaction, its transaction) may use a replica."""
-        wanted = self.role_override
-        if self.mode == "session":
-            return wanted == "replica"
-        rw = self._head_rw()
-        if rw is not None and rw.role in ("primary", "replica"):
-            return rw.role == "replica"
+    def _reads_only(self, rw, wanted: str | None) -> bool:
+        """Whether this request (and, inside a deferred transaction, its transaction) may use a replica.
+
+        rw: the request's classification (None when unknown, or in session mode); wanted: the
+        role the client asked for (_wanted_role)."""
         if wanted in ("primary", "replica"):
             return wanted == "replica"
         if rw is None:
