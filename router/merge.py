@@ -259,9 +259,16 @@ class _Base:
         out, self.out = self.out, []
         return out
 
+    def _streams(self) -> None:
+        """State of a k-way merge of the shards' sorted streams (_enqueue fills it)."""
+        self.queues: dict[Any, deque] = {s: deque() for s in self.live}
+        self.heap: list[tuple] = []  # (key, seq, shard) of each shard's head row
+        self.seq = 0
+        self.blocked = len(self.live)  # live shards with nothing queued
+        self.last_pushed: dict[Any, tuple] = {}
+
     def _enqueue(self, shard: Any, key: tuple, item: Any, what: str) -> None:
-        """Queue a shard's next row (or group) under its sort key; the heap holds each shard's head.
-        (Subclasses that merge sorted streams set queues, heap, seq, blocked and last_pushed.)"""
+        """Queue a shard's next row (or group) under its sort key; the heap holds each shard's head."""
         last = self.last_pushed.get(shard)
         if last is not None and key < last:
             raise MergeError(f"shard {shard} returned {what} out of the order pgherd merges in (is the text "
@@ -312,11 +319,7 @@ class OrderedMerge(_Base):
             self.dedupe_parts = [(i, cols.key_fn(i, "DISTINCT")) for i in distinct_cols]
         self.prev: Optional[tuple] = None  # key of the last row passed to _emit
         self.last: Optional[tuple] = None  # key of the last row sent (WITH TIES)
-        self.queues: dict[Any, deque] = {s: deque() for s in self.live}
-        self.heap: list[tuple] = []
-        self.seq = 0
-        self.blocked = len(self.live)  # live shards with nothing queued
-        self.last_pushed: dict[Any, tuple] = {}
+        self._streams()
 
     @property
     def waiting(self) -> set:
@@ -990,12 +993,8 @@ class AggregateMerge(_Base):
         self.visible = cols.visible
         self.groups: dict[tuple, list] = {}  # hash mode: group key -> [first row, accumulators]
         # Streaming: a k-way merge of partial rows, combining adjacent rows of one group.
-        self.queues: dict[Any, deque] = {s: deque() for s in self.live}
-        self.heap: list[tuple] = []
-        self.seq = 0
-        self.blocked = len(self.live)
+        self._streams()
         self.current: Optional[list] = None  # [stream key, first row, accumulators]
-        self.last_pushed: dict[Any, tuple] = {}
 
     @property
     def waiting(self) -> set:

@@ -23,6 +23,7 @@ import re
 
 import trio
 
+from pgherd.router.copysplit import CopySplitError, parse_copy_options
 from pgherd.router.merge import MergeError, MergeRefused, plan_merge
 from pgherd.router.parse import ParseError, parse_statements
 from pgherd.router.rewrite import RewriteError
@@ -1237,15 +1238,11 @@ class _CopyOut:
         copy = stmts[0].get("CopyStmt") if len(stmts) == 1 else None
         if copy is None or copy.get("is_from"):
             return None
-        options = {}
-        for item in copy.get("options", []):
-            d = item.get("DefElem", {})
-            arg = d.get("arg")
-            text = next(iter(arg.values()), {}) if isinstance(arg, dict) else {}
-            value = next(iter(text.values()), True) if isinstance(text, dict) and text else True
-            options[d.get("defname", "").lower()] = str(value).lower()
-        fmt = options.get("format", "text")
-        header = fmt == "csv" and options.get("header", "false") in ("true", "on", "1", "match")
+        try:
+            options = parse_copy_options(copy.get("options", []))
+        except CopySplitError:
+            return None  # Postgres reports the bad option
+        fmt, header = options.format, options.format == "csv" and options.header != "false"
         return cls(header, fmt == "binary") if header or fmt == "binary" else None
 
     def data(self, first: bool, payload: bytes) -> bytes:
