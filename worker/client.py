@@ -28,7 +28,7 @@ from pgherd.shared.wire import messages as M
 from pgherd.shared.wire import protocol as P
 from pgherd.shared.wire.framing import HEADER, STARTUP_HEADER, iter_messages, startup_length
 
-from . import auth, pubsub
+from . import auth, fastpath, pubsub
 from .admin import serve_admin
 from .pool import Pool, sync_params
 from .prepared import (A_BIND, A_CLOSE, A_DESCRIBE_P, A_DESCRIBE_S, A_EXECUTE, A_FUNCTION, A_PARSE,
@@ -77,6 +77,8 @@ _EXTENDED_TYPES = frozenset([P.F_PARSE, P.F_BIND, P.F_DESCRIBE, P.F_EXECUTE, P.F
 _VALID_REQUEST_TYPES = P.FRONTEND_TYPES - {P.F_PASSWORD}
 # First message types of a request _answer_locally may answer (Parse, Close, Sync, Flush only).
 _LOCAL_FIRST = frozenset([P.F_PARSE, P.F_CLOSE, P.F_SYNC, P.F_FLUSH])
+# Extended-protocol messages the fast path forwards when prepared statements are not rewritten.
+_UNTRACKED_EXTENDED = frozenset([P.F_PARSE, P.F_BIND, P.F_DESCRIBE, P.F_EXECUTE, P.F_SYNC, P.F_CLOSE])
 _unpack_hdr = HEADER.unpack_from
 # Connection errors that mean the host is down or going down: ban it and use another.
 _HOST_DOWN = frozenset([E.CONNECTION_FAILURE, E.ADMIN_SHUTDOWN, E.CANNOT_CONNECT_NOW, "57P02", "08001"])
@@ -176,6 +178,17 @@ class ClientSession:
         # SET pgherd.role / pgdog.role (or the startup option): "primary", "replica" or "auto".
         self.role_override: str | None = None
         self.startup_role: str | None = None
+        # The fast path (worker/fastpath.py): where the reactor has this client, and what
+        # it hands back to the task (see ClientSession._fast_resume).
+        self.fast_state = fastpath.TASK
+        self.fast_task = None
+        self.fast_fd = self.fast_sfd = -1
+        self.fast_more = self.fast_abort = False
+        self.fast_out: tuple[int, int] | None = None
+        self.fast_reply_end = 0
+        self.fast_srv: ServerConn | None = None
+        self.fast_waiter = None
+        self.refuse_at = -1  # _scan_server: offset of a ReadyForQuery statement mode refuses
 
     # ================================================================ I/O helpers
     async def send(self, data: bytes) -> None:
@@ -392,6 +405,7 @@ class ClientSession:
                 continue  # the request was answered with an error; the client carries on
 
     async def _relay_loop(self) -> None:
+        reactor = self.ctx.reactor
         while True:
             if self.notify_queue:
                 # Between messages: deliver NotificationResponses waiting for this client.
@@ -411,6 +425,15 @@ class ClientSession:
                 self._idle_scope = None
                 if not n:
                     continue
+            elif reactor is not None and not reactor.closed and self._fast_ok(srv):
+                # worker/fastpath.py serves plain requests without waking this task;
+                # it comes back with what is left to do.
+                n = await reactor.park(self)
+                if n < 0:
+                    await self._fast_resume(n)
+                    continue
+                if n == 0:
+                    n = await self._recv_request(srv)
             else:
                 n = await self._recv_request(srv)
             self.end += n
@@ -435,51 +458,146 @@ class ClientSession:
                     attached = False
                 if not attached:
                     continue
+            await self._forward_request()
+
+    async def _forward_request(self) -> None:
+        """Send the buffered request to the attached server and relay its reply."""
+        srv = self.server
+        if not self.tracked and self.ctx.rewrite_prepared and self.mode != "session" \
+                and (self._has_extended() or (self.ctx.rewrite_sql_prepared and self.end > 5
+                                             and self.buf[0] == P.F_QUERY
+                                             and _SQL_HINT.search(self.buf[5:40]))):
+            self.tracked = True
+        if self.mode == "statement" and self._opens_transaction():
+            await self._fail_request(E.PgError(
+                E.FEATURE_NOT_SUPPORTED, "transaction blocks are not allowed in statement pooling mode",
+                hint="use pooler_mode transaction or session for this user or database"))
+            self._maybe_release()
+            return
+        self._start_request(srv)
+        if self.needs_sync and srv.tx == P.TX_IDLE and not srv.owes_reply():
+            self.needs_sync = False
+            try:
+                await sync_params(srv, self.settings)
+            except (ServerError, net.PeerClosed, OSError) as exc:
+                log.info("client %s: cannot re-apply settings: %s", self.addr, exc)
+        if self.tracked:
+            out, fwd, terminate = self._scan_tracked(srv)
+        else:
+            fwd, terminate = self._scan_client(srv)
+            out = self.view[:fwd]
+        if out:
+            try:
+                await net.send_all(srv.sock, out)
+            except net.PeerClosed:
+                await self._server_lost(srv)
+        if fwd:
+            self._consume(fwd)
+        if srv.actions and srv.actions[0].kind == A_SYNTH:
+            await self.send(take_synth(srv.actions))
+        if terminate:
+            raise ClientGone()
+        if self.skip or self.end:
+            return  # the rest of a message is still on its way
+        await self._finish_reply(srv)
+
+    @staticmethod
+    def _start_request(srv: ServerConn) -> None:
+        if not srv.owes_reply():
+            srv.req_start = now = trio.current_time()
+            if srv.tx == P.TX_IDLE:
+                srv.xact_start = now
+
+    async def _finish_reply(self, srv: ServerConn) -> None:
+        if srv.copy_in:
+            await self._poll_server(srv)
+            return
+        await self._pump(srv)
+        self._maybe_release()
+
+    # ---------------------------------------------------------------- fast path (worker/fastpath.py)
+    def _fast_ok(self, srv: ServerConn | None) -> bool:
+        """May the reactor wait for this client's next request (and serve it if plain)?"""
+        ctx = self.ctx
+        return (self.mode == "transaction" and not self.tracked and not self.skip and not self.end
+                and not self.needs_sync and self.begun is None and not self.notify_queue
+                and type(self.sock) is socket.socket and not self.cluster.replicated
+                and not (ctx.client_idle_timeout or ctx.client_idle_in_transaction_timeout
+                         or ctx.query_timeout)
+                and (srv is None or (type(srv.sock) is socket.socket and not srv.owes_reply()
+                                     and not srv.unsynced and not srv.copy_in and not srv.skip
+                                     and not srv.actions)))
+
+    def _plain_request(self, end: int) -> bool:
+        """Does buf[:end] hold whole messages the reactor may forward as they are?
+
+        Query messages (or, without prepared-statement rewriting, unnamed extended
+        ones) ending in Query or Sync, none of which this task must see itself: a
+        lone SET it may answer, a LISTEN, an SQL PREPARE / EXECUTE it tracks.
+        """
+        buf, ctx = self.buf, self.ctx
+        extended = not ctx.rewrite_prepared
+        max_size = ctx.max_message_size
+        p = t = 0
+        while p < end:
+            if end - p < 5:
+                return False
+            t, length = _unpack_hdr(buf, p)
+            if length < 4 or length > max_size:
+                return False
+            if t == P.F_QUERY:
+                if p == 0 and ((self.server is None and _LONE_SET.match(buf, 5))
+                               or (ctx.rewrite_sql_prepared and _SQL_HINT.search(buf[5:40]))):
+                    return False
+                if ctx.pubsub is not None and _LISTEN_START.match(buf, p + 5):
+                    return False
+            elif not (extended and t in _UNTRACKED_EXTENDED):
+                return False
+            p += 1 + length
+        return p == end and (t == P.F_QUERY or t == P.F_SYNC)
+
+    async def _fast_resume(self, code: int) -> None:
+        """Carry on from where the reactor handed this client back (codes in fastpath.py)."""
+        if code == fastpath.SENT:
             srv = self.server
-            if not self.tracked and self.ctx.rewrite_prepared and self.mode != "session" \
-                    and (self._has_extended() or (self.ctx.rewrite_sql_prepared and self.end > 5
-                                                 and self.buf[0] == P.F_QUERY
-                                                 and _SQL_HINT.search(self.buf[5:40]))):
-                self.tracked = True
-            if self.mode == "statement" and self._opens_transaction():
-                await self._fail_request(E.PgError(
-                    E.FEATURE_NOT_SUPPORTED, "transaction blocks are not allowed in statement pooling mode",
-                    hint="use pooler_mode transaction or session for this user or database"))
-                self._maybe_release()
-                continue
-            if not srv.owes_reply():
-                srv.req_start = now = trio.current_time()
-                if srv.tx == P.TX_IDLE:
-                    srv.xact_start = now
-            if self.needs_sync and srv.tx == P.TX_IDLE and not srv.owes_reply():
-                self.needs_sync = False
+            if self.fast_out is not None:  # the part of the request the server socket did not take
+                sent, fwd = self.fast_out
+                self.fast_out = None
                 try:
-                    await sync_params(srv, self.settings)
-                except (ServerError, net.PeerClosed, OSError) as exc:
-                    log.info("client %s: cannot re-apply settings: %s", self.addr, exc)
-            if self.tracked:
-                out, fwd, terminate = self._scan_tracked(srv)
-            else:
-                fwd, terminate = self._scan_client(srv)
-                out = self.view[:fwd]
-            if out:
-                try:
-                    await net.send_all(srv.sock, out)
+                    await net.send_all(srv.sock, self.view[sent:fwd])
                 except net.PeerClosed:
                     await self._server_lost(srv)
-            if fwd:
                 self._consume(fwd)
-            if srv.actions and srv.actions[0].kind == A_SYNTH:
-                await self.send(take_synth(srv.actions))
-            if terminate:
-                raise ClientGone()
-            if self.skip or self.end:
-                continue  # the rest of a message is still on its way
-            if srv.copy_in:
-                await self._poll_server(srv)
-                continue
-            await self._pump(srv)
-            self._maybe_release()
+            if self.fast_reply_end:  # the part of the reply the client socket did not take
+                conn, p = srv.conn, self.fast_reply_end
+                self.fast_reply_end = 0
+                try:
+                    await net.send_all(self.sock, memoryview(conn.rbuf)[conn.rstart:p])
+                except net.PeerClosed:
+                    conn.rstart = p
+                    self.lost_mid_reply = True
+                    raise
+                conn.rstart = p
+            await self._finish_reply(srv)
+        elif code == fastpath.LOST:
+            await self._server_lost(self.server)
+        elif code == fastpath.ATTACHED:
+            srv, self.fast_srv = self.fast_srv, None
+            if await self._prepare_server(srv):
+                await self._forward_request()
+        else:  # WAIT_TIMEOUT, WAIT_CANCELLED, WAIT_SLOT: the reactor queued the request for a server
+            if code == fastpath.WAIT_SLOT:
+                try:
+                    srv = await self.pool.open_for_checkout()
+                except E.PgError as exc:
+                    await self._fail_request(exc)
+                    return
+                if await self._prepare_server(srv):
+                    await self._forward_request()
+                return
+            self.state = "active"
+            await self._fail_request(self.pool.timeout_error() if code == fastpath.WAIT_TIMEOUT else
+                                     E.PgError(E.QUERY_CANCELED, "canceling statement due to user request"))
 
     def _scan_client(self, srv: ServerConn) -> tuple[int, bool]:
         """Account for the client messages in self.buf; return (bytes to forward, terminate).
@@ -1131,14 +1249,44 @@ class ClientSession:
             await self._forward_server(srv)
 
     async def _forward_server(self, srv: ServerConn) -> None:
+        if srv.actions:
+            return await self._forward_tracked(srv, self._skip_server_body(srv))
+        p = self._scan_server(srv)
+        if self.refuse_at >= 0:
+            await self._refuse_transaction(srv, self.refuse_at, p)
         conn = srv.conn
-        buf, p, end = conn.rbuf, conn.rstart, conn.rend
+        if p > conn.rstart:
+            srv.pool.sent += p - conn.rstart
+            try:
+                await net.send_all(self.sock, memoryview(conn.rbuf)[conn.rstart:p])
+            except net.PeerClosed:
+                conn.rstart = p
+                self.lost_mid_reply = True
+                raise
+            conn.rstart = p
+
+    @staticmethod
+    def _skip_server_body(srv: ServerConn) -> int:
+        """Pass over the rest of a message body already forwarded; the scan's start."""
+        conn = srv.conn
+        p = conn.rstart
         if srv.skip:
-            take = min(srv.skip, end - p)
+            take = min(srv.skip, conn.rend - p)
             p += take
             srv.skip -= take
-        if srv.actions:
-            return await self._forward_tracked(srv, p)
+        return p
+
+    def _scan_server(self, srv: ServerConn) -> int:
+        """Account for the server messages buffered for an untracked client (no I/O).
+
+        Returns the end of the bytes ready to go to the client.  In statement mode a
+        ReadyForQuery that opens a transaction stops the scan: refuse_at is then its
+        offset and the return value the end of that message.
+        """
+        conn = srv.conn
+        p = self._skip_server_body(srv)
+        buf, end = conn.rbuf, conn.rend
+        self.refuse_at = -1
         while end - p >= 5:
             t, length = _unpack_hdr(buf, p)
             if length < 4:
@@ -1154,7 +1302,8 @@ class ClientSession:
                     self.last_tag = bytes(buf[p + 5:stop - 1]).decode("ascii", "replace")
             if t == P.B_READY_FOR_QUERY and self.mode == "statement" and stop <= end \
                     and buf[p + 5] != P.TX_IDLE:
-                await self._refuse_transaction(srv, p, stop)
+                self.refuse_at = p
+                return stop
             if t in _NEEDS_BODY:
                 if stop > end:
                     if 1 + length > len(buf):
@@ -1170,15 +1319,7 @@ class ClientSession:
                 p = end
                 break
             p = stop
-        if p > conn.rstart:
-            srv.pool.sent += p - conn.rstart
-            try:
-                await net.send_all(self.sock, memoryview(conn.rbuf)[conn.rstart:p])
-            except net.PeerClosed:
-                conn.rstart = p
-                self.lost_mid_reply = True
-                raise
-            conn.rstart = p
+        return p
 
     async def _refuse_transaction(self, srv: ServerConn, rfq: int, stop: int) -> None:
         """Statement mode forbids transactions (as PgBouncer): the client gets an error
@@ -1658,6 +1799,8 @@ class ClientSession:
     async def cancel_server_query(self) -> None:
         if self._wait_scope is not None:
             self._wait_scope.cancel()  # still waiting for a server: the query never runs
+            return
+        if self.fast_waiter is not None and self.ctx.reactor.cancel_wait(self):
             return
         servers = list(self.sharded.servers.values()) if self.sharded is not None else [self.server]
         for srv in servers:

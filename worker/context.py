@@ -66,6 +66,7 @@ class WorkerContext:
         self._gate_changed = trio.Event()
         self.started = trio.current_time()
         self.pubsub = None  # worker/pubsub.PubSub when pub_sub_channel_size > 0 (set by serve)
+        self.reactor = None  # worker/fastpath.Reactor (set by serve)
         self.statements = StatementCache()
         self.apply_config(config)
 

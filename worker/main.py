@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import signal
@@ -14,6 +15,7 @@ from pgherd.shared.logs import setup_logging
 
 from .client import ClientSession
 from .context import WorkerContext
+from .fastpath import Reactor
 from .listener import accept_loop, bind_listener
 
 log = logging.getLogger("pgherd.worker")
@@ -47,7 +49,7 @@ async def serve(config, index: int = 0, *, link=None, workers: int = 1, node: in
     if link is not None:
         link.ctx = ctx
     with trio.open_signal_receiver(*stop_signals) as signals:
-        async with trio.open_nursery() as clients:
+        async with _fast_path(ctx), trio.open_nursery() as clients:
             async with trio.open_nursery() as service:
                 for sock in listeners:
                     service.start_soon(accept_loop, sock, clients, _handler(ctx))
@@ -79,6 +81,16 @@ async def serve(config, index: int = 0, *, link=None, workers: int = 1, node: in
             await _drain(ctx, clients, None if supervised else signals)
     ctx.close()
     log.info("worker %d stopped", index)
+
+
+@contextlib.asynccontextmanager
+async def _fast_path(ctx: WorkerContext):
+    """Run the fast path's reactor (worker/fastpath.py) for as long as any client may park there."""
+    ctx.reactor = Reactor()
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(ctx.reactor.run)
+        yield
+        nursery.cancel_scope.cancel()
 
 
 async def _drain(ctx: WorkerContext, clients: trio.Nursery, signals) -> None:

@@ -145,7 +145,7 @@ class Pool:
             self._discard(srv)
         if self.total < self.settings.pool_size and not self.waiters:
             self.total += 1
-            return await self._open_for_checkout()
+            return await self.open_for_checkout()
         return await self._wait()
 
     async def _wait(self) -> ServerConn:
@@ -173,17 +173,20 @@ class Pool:
             self.wait_time += int((trio.current_time() - started) * 1_000_000)
         if not waiter.event.is_set():
             self.waiters.remove(waiter)
-            raise E.PgError(E.TOO_MANY_CONNECTIONS,
-                            f"no server connection available in checkout_timeout "
-                            f"({self.settings.checkout_timeout * 1000:.0f} ms) for {self.name}",
-                            hint="raise pool_size or checkout_timeout, or shorten transactions")
+            raise self.timeout_error()
         if waiter.server is not None:
             self.active += 1
             return waiter.server
         # Woken with a free slot (a connection closed): open one ourselves.
-        return await self._open_for_checkout()
+        return await self.open_for_checkout()
 
-    async def _open_for_checkout(self) -> ServerConn:
+    def timeout_error(self) -> E.PgError:
+        return E.PgError(E.TOO_MANY_CONNECTIONS,
+                         f"no server connection available in checkout_timeout "
+                         f"({self.settings.checkout_timeout * 1000:.0f} ms) for {self.name}",
+                         hint="raise pool_size or checkout_timeout, or shorten transactions")
+
+    async def open_for_checkout(self) -> ServerConn:
         """Open a connection in a slot already counted in self.total."""
         try:
             srv = await self._open()
