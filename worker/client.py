@@ -183,7 +183,7 @@ class ClientSession:
         self.fast_state = fastpath.TASK
         self.fast_task = None
         self.fast_fd = self.fast_sfd = -1
-        self.fast_more = self.fast_abort = False
+        self.fast_more = self.fast_abort = self.fast_hup = False
         self.fast_out: tuple[int, int] | None = None
         self.fast_reply_end = 0
         self.fast_srv: ServerConn | None = None
@@ -1287,6 +1287,7 @@ class ClientSession:
         p = self._skip_server_body(srv)
         buf, end = conn.rbuf, conn.rend
         self.refuse_at = -1
+        statement = self.mode == "statement"
         while end - p >= 5:
             t, length = _unpack_hdr(buf, p)
             if length < 4:
@@ -1300,8 +1301,7 @@ class ClientSession:
                     self.reply_error = True
                 elif t == P.B_COMMAND_COMPLETE:
                     self.last_tag = bytes(buf[p + 5:stop - 1]).decode("ascii", "replace")
-            if t == P.B_READY_FOR_QUERY and self.mode == "statement" and stop <= end \
-                    and buf[p + 5] != P.TX_IDLE:
+            if statement and t == P.B_READY_FOR_QUERY and stop <= end and buf[p + 5] != P.TX_IDLE:
                 self.refuse_at = p
                 return stop
             if t in _NEEDS_BODY:

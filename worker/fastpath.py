@@ -55,7 +55,12 @@ WAIT_SLOT = -6  # queued for a server; woken with a free slot to open a connecti
 # ClientSession.fast_state
 TASK, IDLE, WAITING, FLIGHT = 0, 1, 2, 3
 
-_EDGE_IN = select.EPOLLIN | select.EPOLLET
+import os
+_POLLS = int(os.environ.get("PGHERD_FP_POLLS", "1"))
+# Edge-triggered, with the peer's close reported as such: after a short read, data and a close
+# that arrived together would otherwise leave the close unseen until a read that never comes.
+_EDGE_IN = select.EPOLLIN | select.EPOLLRDHUP | select.EPOLLET
+_HUP = select.EPOLLRDHUP | select.EPOLLHUP | select.EPOLLERR
 _NETWORK_GONE = (ConnectionResetError, BrokenPipeError, TimeoutError)
 
 
@@ -95,6 +100,9 @@ class Reactor:
         self.ep = select.epoll()
         self.registered: dict[int, socket.socket] = {}  # fd -> the socket registered under it
         self.owner: dict[int, object] = {}  # fd -> the ClientSession served here
+        # Registered server fds that became readable while not in flight here (used by a client
+        # task, or closed by Postgres while idle): re-armed before their next flight.
+        self.stale: set[int] = set()
         self.deadlines: list = []  # heap of (checkout deadline, seq, waiter)
         self._seq = itertools.count()
         self._busy = False
@@ -117,10 +125,21 @@ class Reactor:
                 self._busy = True
                 try:
                     owner = self.owner
-                    for fd_ready, _ in self.ep.poll(0):
-                        c = owner.get(fd_ready)
-                        if c is not None:
-                            self._call(self._on_client if fd_ready == c.fast_fd else self._on_server, c)
+                    for _ in range(_POLLS):
+                        ready = self.ep.poll(0)
+                        if not ready:
+                            break
+                        for fd_ready, events in ready:
+                            c = owner.get(fd_ready)
+                            if c is None:
+                                if fd_ready in self.registered:
+                                    self.stale.add(fd_ready)  # a server not in flight here spoke
+                            elif fd_ready == c.fast_fd:
+                                if events & _HUP:
+                                    c.fast_hup = True
+                                self._call(self._on_client, c)
+                            else:
+                                self._call(self._on_server, c, events & _HUP)
                     if deadlines:
                         self._expire()
                     self._drain()
@@ -160,9 +179,9 @@ class Reactor:
             fn, c = pending.popleft()
             self._call(fn, c)
 
-    def _call(self, fn, c) -> None:
+    def _call(self, fn, c, *args) -> None:
         try:
-            fn(c)
+            fn(c, *args)
         except Exception as exc:
             if not isinstance(exc, (E.PgError, net.PeerClosed)):
                 log.exception("client %s: fast path failed; the client's task takes over", c.addr)
@@ -176,7 +195,7 @@ class Reactor:
             return 0
         fd = c.fast_fd = c.sock.fileno()
         c.fast_task = trio.lowlevel.current_task()
-        c.fast_more = c.fast_abort = False
+        c.fast_more = c.fast_abort = c.fast_hup = False
         try:
             self.ep.register(fd, _EDGE_IN)  # reports data already waiting, too
         except FileExistsError:
@@ -218,6 +237,9 @@ class Reactor:
     def _on_client(self, c) -> None:
         if c.fast_state != IDLE:
             c.fast_more = True  # the next request, pipelined: read when this one is through
+            return
+        if c.fast_hup:
+            self._handover(c, 0)  # the client closed (maybe after a last request): its task reads to the end
             return
         end = c.end
         free = len(c.buf) - end
@@ -288,11 +310,18 @@ class Reactor:
             except FileExistsError:
                 self.ep.modify(fd, _EDGE_IN)
             self.registered[fd] = sock
+            self.stale.discard(fd)
+        elif fd in self.stale:
+            self.stale.discard(fd)
+            self.ep.modify(fd, _EDGE_IN)  # reports what is already waiting (or the close) again
         self.owner[fd] = c
         c.fast_state = FLIGHT
 
-    def _on_server(self, c) -> None:
-        """The server of a request in flight has data: relay it until the last ReadyForQuery."""
+    def _on_server(self, c, hup: int = 0) -> None:
+        """The server of a request in flight has data: relay it until the last ReadyForQuery.
+
+        hup: the server closed its end too; read to the end (a close after a FATAL).
+        """
         srv = c.server
         conn = srv.conn
         while True:
@@ -331,10 +360,12 @@ class Reactor:
                     return
             if not srv.owes_reply():
                 break
-            if n < free:
+            if n < free and not hup:
                 return  # all read: the next edge brings the rest
         del self.owner[c.fast_sfd]
         c.fast_sfd = -1
+        if hup:
+            srv.broken = True  # it answered, then hung up: never hand it out again
         c._maybe_release()
         if c.fast_abort or not c._fast_ok(c.server):
             self._handover(c, 0)

@@ -120,7 +120,7 @@ class Pool:
             if now - srv.last_used > self.settings.healthcheck_interval:
                 return None
             self.idle.pop()
-            if self._expired(srv) or (now - srv.last_used > LIVENESS_CHECK_AFTER and not srv.looks_alive()):
+            if self._expired(srv, now) or (now - srv.last_used > LIVENESS_CHECK_AFTER and not srv.looks_alive()):
                 # Dead while idle (e.g. Postgres restarted and sent FATAL): a fresh
                 # connection replaces it and the client never sees the dead one.
                 self._discard(srv)
@@ -237,8 +237,8 @@ class Pool:
         """Return a server from a client. Dirty or expired servers are closed."""
         self.active -= 1
         srv.client = None
-        srv.last_used = trio.current_time()
-        if not srv.idle or self.closed or self._expired(srv) or srv.generation != self.generation:
+        srv.last_used = now = trio.current_time()
+        if not srv.idle or self.closed or self._expired(srv, now) or srv.generation != self.generation:
             self._discard(srv)
             return
         srv.expect.clear()  # only stray COPY_END markers can be left here
@@ -272,9 +272,9 @@ class Pool:
             self.total += 1
             waiter.event.set()
 
-    def _expired(self, srv: ServerConn) -> bool:
+    def _expired(self, srv: ServerConn, now: float | None = None) -> bool:
         life = self.settings.server_lifetime
-        return bool(life) and trio.current_time() - srv.created > life
+        return bool(life) and (now or trio.current_time()) - srv.created > life
 
     # ------------------------------------------------------------ client params
     async def login_params(self, settings: dict[str, str]) -> dict[str, str]:
