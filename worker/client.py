@@ -186,6 +186,7 @@ class ClientSession:
         self.fast_more = self.fast_abort = self.fast_hup = False
         self.fast_out: tuple[int, int] | None = None
         self.fast_reply_end = 0
+        self.fast_queries = 0  # _plain_request's count for the request the reactor has
         self.fast_srv: ServerConn | None = None
         self.fast_waiter = None
         self.refuse_at = -1  # _scan_server: offset of a ReadyForQuery statement mode refuses
@@ -528,33 +529,45 @@ class ClientSession:
                                      and not srv.unsynced and not srv.copy_in and not srv.skip
                                      and not srv.actions)))
 
-    def _plain_request(self, end: int) -> bool:
+    def _plain_request(self, end: int) -> int:
         """Does buf[:end] hold whole messages the reactor may forward as they are?
 
         Query messages (or, without prepared-statement rewriting, unnamed extended
         ones) ending in Query or Sync, none of which this task must see itself: a
         lone SET it may answer, a LISTEN, an SQL PREPARE / EXECUTE it tracks.
+        Returns -1 if not; else the number of Queries when they are all the request
+        holds and none may change session state (router.settings.HINT), so that
+        _scan_client's bookkeeping comes down to one expected ReadyForQuery each;
+        else 0 (the reactor runs _scan_client).
         """
         buf, ctx = self.buf, self.ctx
         extended = not ctx.rewrite_prepared
         max_size = ctx.max_message_size
-        p = t = 0
+        p = t = queries = 0
+        simple = True
         while p < end:
             if end - p < 5:
-                return False
+                return -1
             t, length = _unpack_hdr(buf, p)
             if length < 4 or length > max_size:
-                return False
+                return -1
             if t == P.F_QUERY:
                 if p == 0 and ((self.server is None and _LONE_SET.match(buf, 5))
                                or (ctx.rewrite_sql_prepared and _SQL_HINT.search(buf[5:40]))):
-                    return False
+                    return -1
                 if ctx.pubsub is not None and _LISTEN_START.match(buf, p + 5):
-                    return False
-            elif not (extended and t in _UNTRACKED_EXTENDED):
-                return False
+                    return -1
+                queries += 1
+                if simple and HINT.search(buf, p + 5, p + length):
+                    simple = False
+            elif extended and t in _UNTRACKED_EXTENDED:
+                simple = False
+            else:
+                return -1
             p += 1 + length
-        return p == end and (t == P.F_QUERY or t == P.F_SYNC)
+        if p != end or (t != P.F_QUERY and t != P.F_SYNC):
+            return -1
+        return queries if simple else 0
 
     async def _fast_resume(self, code: int) -> None:
         """Carry on from where the reactor handed this client back (codes in fastpath.py)."""

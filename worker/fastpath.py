@@ -38,6 +38,7 @@ import trio
 
 from pgherd.shared import net
 from pgherd.shared.wire import errors as E
+from pgherd.shared.wire import protocol as P
 
 log = logging.getLogger("pgherd.fastpath")
 
@@ -55,11 +56,10 @@ WAIT_SLOT = -6  # queued for a server; woken with a free slot to open a connecti
 # ClientSession.fast_state
 TASK, IDLE, WAITING, FLIGHT = 0, 1, 2, 3
 
-import os
-_POLLS = int(os.environ.get("PGHERD_FP_POLLS", "1"))
 # Edge-triggered, with the peer's close reported as such: after a short read, data and a close
 # that arrived together would otherwise leave the close unseen until a read that never comes.
 _EDGE_IN = select.EPOLLIN | select.EPOLLRDHUP | select.EPOLLET
+_QUERIES = (P.F_QUERY,) * 8
 _HUP = select.EPOLLRDHUP | select.EPOLLHUP | select.EPOLLERR
 _NETWORK_GONE = (ConnectionResetError, BrokenPipeError, TimeoutError)
 
@@ -125,21 +125,17 @@ class Reactor:
                 self._busy = True
                 try:
                     owner = self.owner
-                    for _ in range(_POLLS):
-                        ready = self.ep.poll(0)
-                        if not ready:
-                            break
-                        for fd_ready, events in ready:
-                            c = owner.get(fd_ready)
-                            if c is None:
-                                if fd_ready in self.registered:
-                                    self.stale.add(fd_ready)  # a server not in flight here spoke
-                            elif fd_ready == c.fast_fd:
-                                if events & _HUP:
-                                    c.fast_hup = True
-                                self._call(self._on_client, c)
-                            else:
-                                self._call(self._on_server, c, events & _HUP)
+                    for fd_ready, events in self.ep.poll(0):
+                        c = owner.get(fd_ready)
+                        if c is None:
+                            if fd_ready in self.registered:
+                                self.stale.add(fd_ready)  # a server not in flight here spoke
+                        elif fd_ready == c.fast_fd:
+                            if events & _HUP:
+                                c.fast_hup = True
+                            self._call(self._on_client, c)
+                        else:
+                            self._call(self._on_server, c, events & _HUP)
                     if deadlines:
                         self._expire()
                     self._drain()
@@ -249,10 +245,12 @@ class Reactor:
             return
         except OSError:
             n = 0
-        if n == 0 or n == free or not c._plain_request(end + n):
-            # EOF (the task reads it again), a full buffer (more to come), or a request
-            # that needs the task: it carries on from the bytes read.
-            self._handover(c, n)
+        if n == 0 or n == free:
+            self._handover(c, n)  # EOF (the task reads it again) or a full buffer (more to come)
+            return
+        queries = c.fast_queries = c._plain_request(end + n)
+        if queries < 0:
+            self._handover(c, n)  # a request that needs the task: it carries on from the bytes read
             return
         srv = c.server
         if srv is None:
@@ -289,7 +287,13 @@ class Reactor:
 
     def _send(self, c, srv) -> None:
         c._start_request(srv)
-        fwd, _ = c._scan_client(srv)
+        queries = c.fast_queries
+        if queries:  # only Queries that leave session state alone: _scan_client's bookkeeping, in short
+            srv.expect.extend(_QUERIES[:queries] if queries <= len(_QUERIES) else [P.F_QUERY] * queries)
+            srv.unsynced = False
+            fwd = c.end
+        else:
+            fwd, _ = c._scan_client(srv)
         try:
             sent = srv.sock.send(c.view[:fwd])
         except BlockingIOError:
