@@ -582,15 +582,8 @@ class ClientSession:
                     await self._server_lost(srv)
                 self._consume(fwd)
             if self.fast_reply_end:  # the part of the reply the client socket did not take
-                conn, p = srv.conn, self.fast_reply_end
-                self.fast_reply_end = 0
-                try:
-                    await net.send_all(self.sock, memoryview(conn.rbuf)[conn.rstart:p])
-                except net.PeerClosed:
-                    conn.rstart = p
-                    self.lost_mid_reply = True
-                    raise
-                conn.rstart = p
+                p, self.fast_reply_end = self.fast_reply_end, 0
+                await self._send_reply(srv, p)
             await self._finish_reply(srv)
         elif code == fastpath.LOST:
             await self._server_lost(self.server)
@@ -599,6 +592,7 @@ class ClientSession:
             if await self._prepare_server(srv):
                 await self._forward_request()
         else:  # WAIT_TIMEOUT, WAIT_CANCELLED, WAIT_SLOT: the reactor queued the request for a server
+            self.state = "active"
             if code == fastpath.WAIT_SLOT:
                 try:
                     srv = await self.pool.open_for_checkout()
@@ -608,7 +602,6 @@ class ClientSession:
                 if await self._prepare_server(srv):
                     await self._forward_request()
                 return
-            self.state = "active"
             await self._fail_request(self.pool.timeout_error() if code == fastpath.WAIT_TIMEOUT else
                                      E.PgError(E.QUERY_CANCELED, "canceling statement due to user request"))
 
@@ -1267,16 +1260,20 @@ class ClientSession:
         p = self._scan_server(srv)
         if self.refuse_at >= 0:
             await self._refuse_transaction(srv, self.refuse_at, p)
+        if p > srv.conn.rstart:
+            srv.pool.sent += p - srv.conn.rstart
+            await self._send_reply(srv, p)
+
+    async def _send_reply(self, srv: ServerConn, p: int) -> None:
+        """Send the server's buffered bytes up to p to the client."""
         conn = srv.conn
-        if p > conn.rstart:
-            srv.pool.sent += p - conn.rstart
-            try:
-                await net.send_all(self.sock, memoryview(conn.rbuf)[conn.rstart:p])
-            except net.PeerClosed:
-                conn.rstart = p
-                self.lost_mid_reply = True
-                raise
+        try:
+            await net.send_all(self.sock, memoryview(conn.rbuf)[conn.rstart:p])
+        except net.PeerClosed:
             conn.rstart = p
+            self.lost_mid_reply = True
+            raise
+        conn.rstart = p
 
     @staticmethod
     def _skip_server_body(srv: ServerConn) -> int:

@@ -141,6 +141,9 @@ class Reactor:
                     self._drain()
                 finally:
                     self._busy = False
+        except Exception:
+            # Never take the worker down: the clients carry on in their own tasks.
+            log.exception("fast path stopped; clients are served by their own tasks from now on")
         finally:
             self._close()
 
