@@ -552,14 +552,16 @@ class ClientSession:
             if length < 4 or length > max_size:
                 return -1
             if t == P.F_QUERY:
-                if p == 0 and ((self.server is None and _LONE_SET.match(buf, 5))
-                               or (ctx.rewrite_sql_prepared and _SQL_HINT.search(buf[5:40]))):
+                if HINT.search(buf, p + 5, p + length):
+                    # (A lone SET matches HINT too: most queries pay one regex here.)
+                    if p == 0 and self.server is None and _LONE_SET.match(buf, 5):
+                        return -1
+                    simple = False
+                if p == 0 and ctx.rewrite_sql_prepared and _SQL_HINT.search(buf[5:40]):
                     return -1
                 if ctx.pubsub is not None and _LISTEN_START.match(buf, p + 5):
                     return -1
                 queries += 1
-                if simple and HINT.search(buf, p + 5, p + length):
-                    simple = False
             elif extended and t in _UNTRACKED_EXTENDED:
                 simple = False
             else:

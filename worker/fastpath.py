@@ -130,12 +130,16 @@ class Reactor:
                         if c is None:
                             if fd_ready in self.registered:
                                 self.stale.add(fd_ready)  # a server not in flight here spoke
-                        elif fd_ready == c.fast_fd:
-                            if events & _HUP:
-                                c.fast_hup = True
-                            self._call(self._on_client, c)
                         else:
-                            self._call(self._on_server, c, events & _HUP)
+                            try:
+                                if fd_ready == c.fast_fd:
+                                    if events & _HUP:
+                                        c.fast_hup = True
+                                    self._on_client(c)
+                                else:
+                                    self._on_server(c, events & _HUP)
+                            except Exception as exc:
+                                self._failed(c, exc)
                     if deadlines:
                         self._expire()
                     self._drain()
@@ -178,14 +182,18 @@ class Reactor:
             fn, c = pending.popleft()
             self._call(fn, c)
 
-    def _call(self, fn, c, *args) -> None:
+    def _call(self, fn, c) -> None:
         try:
-            fn(c, *args)
+            fn(c)
         except Exception as exc:
-            if not isinstance(exc, (E.PgError, net.PeerClosed)):
-                log.exception("client %s: fast path failed; the client's task takes over", c.addr)
-            if c.fast_state != TASK:
-                self._handover(c, error=exc)
+            self._failed(c, exc)
+
+    def _failed(self, c, exc: Exception) -> None:
+        """A callback raised: the client's task raises it (a PgError: as the slow path would)."""
+        if not isinstance(exc, (E.PgError, net.PeerClosed)):
+            log.exception("client %s: fast path failed; the client's task takes over", c.addr)
+        if c.fast_state != TASK:
+            self._handover(c, error=exc)
 
     # ---------------------------------------------------------------- parking
     async def park(self, c) -> int:
