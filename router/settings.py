@@ -14,8 +14,13 @@ from typing import NamedTuple, Optional
 
 from .parse import ByteLRU, ParseError, node_type, parse_statements, text_bytes
 
-# Only query texts matching this can change session state; the rest are never parsed.
-HINT = re.compile(rb"set|discard|advisory", re.I)
+# Only query texts may_change() finds can change session state; the rest are never parsed.
+# A statement that changes it starts with SET, RESET or DISCARD (at the start of the text, or
+# after a ';', a comment, or the NUL between a Parse message's statement name and its query),
+# or calls set_config() or an advisory lock function. "UPDATE t SET ..." on one line is
+# neither, so simple-protocol writes with inlined values are not parsed once per text.
+_HINT_START = re.compile(rb"\s*(?:re)?set\b", re.I)
+_HINT_INSIDE = re.compile(rb"set_config|advisory|discard|(?:[;\n\r\x00]|\*/)\s*(?:re)?set\b", re.I)
 # Analyses cached per query text (bytes, not entries: see router/parse.py).
 CACHE_BYTES = 4 * 1024 * 1024
 # Settings whose value is a list of identifiers: elements are quoted as SET does
@@ -42,9 +47,19 @@ class Change(NamedTuple):
 _cache: ByteLRU[str, tuple[tuple[Change, ...], bool]] = ByteLRU(CACHE_BYTES)
 
 
+def may_change(text, start: int = 0, end: int | None = None) -> bool:
+    """Might text[start:end] (bytes: a query, or a Parse body) change session state?
+
+    A cheap superset of what analyze() finds: False means it certainly does not.
+    """
+    if end is None:
+        end = len(text)
+    return bool(_HINT_START.match(text, start, end) or _HINT_INSIDE.search(text, start, end))
+
+
 def analyze(sql: str) -> tuple[tuple[Change, ...], bool]:
     """(every session change sql makes, in order; whether sql is nothing but SET/RESET statements)."""
-    if not HINT.search(sql.encode()):
+    if not may_change(sql.encode()):
         return (), False
     hit = _cache.get(sql)
     if hit is not None:

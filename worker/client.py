@@ -19,7 +19,7 @@ from types import SimpleNamespace
 import trio
 
 from pgherd.router.options import parse_options as _parse_options
-from pgherd.router.settings import HINT, analyze
+from pgherd.router.settings import analyze, may_change
 from pgherd.router.txstart import starts_transaction
 from pgherd.shared import net, tls
 from pgherd.shared.pgconn import ServerError, send_cancel
@@ -536,7 +536,7 @@ class ClientSession:
         ones) ending in Query or Sync, none of which this task must see itself: a
         lone SET it may answer, a LISTEN, an SQL PREPARE / EXECUTE it tracks.
         Returns -1 if not; else the number of Queries when they are all the request
-        holds and none may change session state (router.settings.HINT), so that
+        holds and none may change session state (router.settings.may_change), so that
         _scan_client's bookkeeping comes down to one expected ReadyForQuery each;
         else 0 (the reactor runs _scan_client).
         """
@@ -552,8 +552,8 @@ class ClientSession:
             if length < 4 or length > max_size:
                 return -1
             if t == P.F_QUERY:
-                if HINT.search(buf, p + 5, p + length):
-                    # (A lone SET matches HINT too: most queries pay one regex here.)
+                if may_change(buf, p + 5, p + length):
+                    # (A lone SET is one of these: most queries pay one check here.)
                     if p == 0 and self.server is None and _LONE_SET.match(buf, 5):
                         return -1
                     simple = False
@@ -625,7 +625,7 @@ class ClientSession:
             if t == P.F_TERMINATE:
                 return p, True
             if t in _RFQ_TYPES:
-                if t == P.F_QUERY and end >= p + 1 + length and HINT.search(buf, p + 5, p + length):
+                if t == P.F_QUERY and end >= p + 1 + length and may_change(buf, p + 5, p + length):
                     t = self._note_changes(t, buf[p + 5:p + length])
                 elif t == P.F_SYNC and self.pending_parse_changes:
                     t = self._settle_parse_changes(t)
@@ -635,7 +635,7 @@ class ClientSession:
                 srv.unsynced = False
             elif t in _EXTENDED_TYPES:
                 srv.unsynced = True
-                if t == P.F_PARSE and end >= p + 1 + length and HINT.search(buf, p + 5, p + 1 + length):
+                if t == P.F_PARSE and end >= p + 1 + length and may_change(buf, p + 5, p + 1 + length):
                     self._note_parse(M.read_parse(buf[p + 5:p + 1 + length]).query)
             elif t == P.F_COPY_DONE or t == P.F_COPY_FAIL:
                 if srv.copy_in:
@@ -782,7 +782,7 @@ class ClientSession:
                 self._tracked_query(srv, body, raw, out)
             elif t == P.F_PARSE:
                 msg = M.read_parse(body)
-                if HINT.search(body):
+                if may_change(body):
                     self._note_parse(msg.query)
                 if not msg.name:
                     out.append(raw)
@@ -859,7 +859,7 @@ class ClientSession:
             srv.statements.clear()
         out.append(raw)
         acts.append(Action(A_QUERY))
-        srv.expect.append(self._note_changes(P.F_QUERY, body[:-1]) if HINT.search(body) else P.F_QUERY)
+        srv.expect.append(self._note_changes(P.F_QUERY, body[:-1]) if may_change(body) else P.F_QUERY)
 
     def _global(self, client_name: str) -> str | None:
         """The live global name for one of the client's statements (None if unknown)."""
@@ -1019,7 +1019,7 @@ class ClientSession:
     def _note_changes(self, t: int, sql_bytes) -> int:
         """If a Query changes session state, queue the changes for its ReadyForQuery.
 
-        Callers check router.settings.HINT first, so most queries never get here.
+        Callers check router.settings.may_change first, so most queries never get here.
         """
         changes, _ = analyze(bytes(sql_bytes).decode("utf-8", "replace"))
         if not changes:
