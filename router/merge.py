@@ -282,6 +282,32 @@ class _Base:
                 self.blocked -= 1
         q.append((key, item))
 
+    def _next(self) -> Optional[tuple]:
+        """(shard, key, item) of the smallest queued row, once every live shard has one queued."""
+        heap = self.heap
+        if not heap or self.blocked or self.done:
+            return None
+        _, _, shard = heapq.heappop(heap)
+        q = self.queues[shard]
+        key, item = q.popleft()
+        if q:
+            heapq.heappush(heap, (q[0][0], self.seq, shard))
+            self.seq += 1
+        elif shard in self.live:
+            self.blocked += 1
+        return shard, key, item
+
+    def _waiting_streams(self) -> set:
+        """Live shards with nothing queued: the merge needs their next row (or their end)."""
+        return {s for s in self.live if not self.queues[s]}
+
+    def _end_stream(self, shard: Any) -> None:
+        """A shard sent CommandComplete."""
+        if shard in self.live:
+            self.live.discard(shard)
+            if not self.queues[shard]:
+                self.blocked -= 1
+
 
 class OrderedMerge(_Base):
     """Rows mode: see the module docstring."""
@@ -328,7 +354,7 @@ class OrderedMerge(_Base):
             return set()
         if not self.parts:
             return set(self.live)
-        return {s for s in self.live if not self.queues[s]}
+        return self._waiting_streams()
 
     def push(self, shard: Any, body: Union[bytes, memoryview, Sequence[Optional[bytes]]]) -> None:
         """One row from a shard: its DataRow body (after the 5-byte header), or its column values."""
@@ -346,26 +372,15 @@ class OrderedMerge(_Base):
 
     def end(self, shard: Any) -> None:
         """The shard sent CommandComplete: no more rows from it."""
-        if shard in self.live:
-            self.live.discard(shard)
-            if not self.queues[shard]:
-                self.blocked -= 1
+        self._end_stream(shard)
         if not self.live and not self.heap:
             self.done = True
 
     def pop_ready(self) -> list[bytes]:
-        heap = self.heap
-        while heap and self.blocked == 0 and not self.done:
-            _, _, shard = heapq.heappop(heap)
-            q = self.queues[shard]
-            key, body = q.popleft()
-            if q:
-                heapq.heappush(heap, (q[0][0], self.seq, shard))
-                self.seq += 1
-            elif shard in self.live:
-                self.blocked += 1
+        while (head := self._next()) is not None:
+            _, key, body = head
             self._emit(key, body)
-        if not self.live and not heap:
+        if not self.live and not self.heap:
             self.done = True
         return super().pop_ready()
 
@@ -1003,7 +1018,7 @@ class AggregateMerge(_Base):
             return set()
         if not self.streaming:
             return set(self.live)
-        return {s for s in self.live if not self.queues[s]}
+        return self._waiting_streams()
 
     def push(self, shard: Any, body: Union[bytes, memoryview, Sequence[Optional[bytes]]]) -> None:
         """One partial row from a shard: its DataRow body, or its column values."""
@@ -1026,10 +1041,10 @@ class AggregateMerge(_Base):
 
     def end(self, shard: Any) -> None:
         """The shard sent CommandComplete: no more rows from it."""
-        if shard in self.live:
+        if self.streaming:
+            self._end_stream(shard)
+        else:
             self.live.discard(shard)
-            if self.streaming and not self.queues[shard]:
-                self.blocked -= 1
 
     def pop_ready(self) -> list[bytes]:
         if self.done:
@@ -1038,21 +1053,13 @@ class AggregateMerge(_Base):
             if not self.live:
                 self._finish_hash()
             return super().pop_ready()
-        heap = self.heap
-        while heap and self.blocked == 0 and not self.done:
-            _, _, shard = heapq.heappop(heap)
-            q = self.queues[shard]
-            key, values = q.popleft()
-            if q:
-                heapq.heappush(heap, (q[0][0], self.seq, shard))
-                self.seq += 1
-            elif shard in self.live:
-                self.blocked += 1
+        while (head := self._next()) is not None:
+            shard, key, values = head
             try:
                 self._combine(key, values)
             except _BAD_VALUE as e:
                 raise _unreadable(shard, e) from None
-        if not self.live and not heap and not self.done:
+        if not self.live and not self.heap and not self.done:
             if self.current is not None:
                 self._release(self.current)
             self.current = None

@@ -30,7 +30,9 @@ large chunks; what lands on each shard is checked in SQL against the same formul
 from __future__ import annotations
 
 import asyncio
+import sys
 import time
+from pathlib import Path
 from typing import Any, Iterable, Sequence
 
 import asyncpg
@@ -39,10 +41,12 @@ import pytest
 
 from pgherd.shared.unique_id import decode
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # shard_conns.py (see its docstring)
+from shard_conns import ALICE, ShardConns  # noqa: E402
+
 pytestmark = pytest.mark.timeout(120)
 
 TEST_DB = "pgherd_test"
-ALICE = ("alice", "alice-secret")
 SHARDS = 3
 DBS = tuple(f"sw_{k}" for k in range(SHARDS))
 REF = "sw_ref"
@@ -94,27 +98,8 @@ REF_DDL = """
 """
 
 
-class Shards:
-    """Direct (autocommit) connections to the shard databases and the reference, as alice."""
-
-    def __init__(self, pg: Any) -> None:
-        self.pg = pg
-        self.conns: dict[str, psycopg.Connection] = {}
-
-    def conn(self, db: str) -> psycopg.Connection:
-        c = self.conns.get(db)
-        if c is None or c.closed or c.broken:
-            c = self.conns[db] = psycopg.connect(self.pg.dsn(db, *ALICE), autocommit=True, connect_timeout=10)
-        return c
-
-    def rows(self, db: str, query: str, params: Sequence | None = None) -> list[tuple]:
-        return self.conn(db).execute(query, params).fetchall()
-
-    def val(self, db: str, query: str, params: Sequence | None = None) -> Any:
-        return self.rows(db, query, params)[0][0]
-
-    def exec(self, db: str, query: str, params: Sequence | None = None) -> None:
-        self.conn(db).execute(query, params)
+class Shards(ShardConns):
+    """ShardConns over this module's shard databases."""
 
     def each(self, query: str, params: Sequence | None = None) -> list[list[tuple]]:
         """query's rows on every shard, in shard order."""
@@ -122,10 +107,7 @@ class Shards:
 
     def shard_of(self, table: str, keys: Iterable[int]) -> dict[int, int]:
         """Which shard Postgres' hash partitioning puts each bigint key of table in."""
-        got = self.rows(DBS[0], f"SELECT v, r FROM unnest(%s::bigint[]) AS v, generate_series(0, {SHARDS - 1}) AS r "
-                                f"WHERE satisfies_hash_partition('{table}'::regclass, {SHARDS}, r, v)",
-                        [list(keys)])
-        return dict(got)
+        return self.hash_shard(DBS, table, "bigint", keys)
 
     def keys_on(self, table: str, column: str = "id") -> list[set[int]]:
         """The keys each shard holds."""
@@ -136,9 +118,6 @@ class Shards:
             self.exec(db, "TRUNCATE t, m, p, big, omni")
         self.exec(REF, "TRUNCATE t, m")
 
-    def close(self) -> None:
-        for c in self.conns.values():
-            c.close()
 
 
 @pytest.fixture(scope="module")

@@ -36,9 +36,11 @@ import asyncio
 import os
 import shutil
 import subprocess
+import sys
 import time
 import uuid
 from collections import Counter
+from pathlib import Path
 from typing import Any, Iterable, Sequence
 
 import asyncpg
@@ -51,10 +53,12 @@ from pgherd.shared.unique_id import decode
 from pgherd.shared.wire import messages as M
 from pgherd.shared.wire import protocol as P
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # shard_conns.py (see its docstring)
+from shard_conns import ALICE, ShardConns  # noqa: E402
+
 pytestmark = pytest.mark.timeout(60)
 
 TEST_DB = "pgherd_test"
-ALICE = ("alice", "alice-secret")
 SH2 = ("shd2_0", "shd2_1")
 SH3 = ("shd3_0", "shd3_1", "shd3_2")
 REF = "shd_ref"
@@ -138,31 +142,8 @@ ITEM_ROWS_SQL = """
 """
 
 
-class Shards:
-    """Direct (autocommit) connections to every shard database and the reference, as alice."""
-
-    def __init__(self, pg: Any) -> None:
-        self.pg = pg
-        self.conns: dict[str, psycopg.Connection] = {}
-
-    def conn(self, db: str) -> psycopg.Connection:
-        c = self.conns.get(db)
-        if c is None or c.closed or c.broken:
-            c = self.conns[db] = psycopg.connect(self.pg.dsn(db, *ALICE), autocommit=True, connect_timeout=10)
-        return c
-
-    def rows(self, db: str, query: str, params: Sequence | None = None) -> list[tuple]:
-        return self.conn(db).execute(query, params).fetchall()
-
-    def val(self, db: str, query: str, params: Sequence | None = None) -> Any:
-        return self.rows(db, query, params)[0][0]
-
-    def exec(self, db: str, query: str, params: Sequence | None = None) -> None:
-        self.conn(db).execute(query, params)
-
-    def close(self) -> None:
-        for c in self.conns.values():
-            c.close()
+class Shards(ShardConns):
+    """ShardConns with this module's checks on its shard databases."""
 
     def holders(self, dbs: Sequence[str], table: str, column: str, value: Any, cast: str = "") -> list[int]:
         """Indexes of the shard databases holding a row with column = value."""
@@ -171,13 +152,6 @@ class Shards:
 
     def counts(self, dbs: Sequence[str], query: str, params: Sequence | None = None) -> list[int]:
         return [self.val(db, query, params) for db in dbs]
-
-    def hash_shard(self, dbs: Sequence[str], table: str, sqltype: str, values: Iterable[Any]) -> dict[Any, int]:
-        """Which shard Postgres' hash partitioning puts each value in (asked of the shard's parent)."""
-        n = len(dbs)
-        got = self.rows(dbs[0], f"SELECT v, r FROM unnest(%s::{sqltype}[]) AS v, generate_series(0, {n - 1}) AS r "
-                                f"WHERE satisfies_hash_partition('{table}'::regclass, {n}, r, v)", [list(values)])
-        return {v: r for v, r in got}
 
     def touches(self) -> list[int]:
         """Statements that reached wr on each 2-shard database since the last reset."""
