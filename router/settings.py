@@ -21,6 +21,7 @@ from .parse import ByteLRU, ParseError, node_type, parse_statements, text_bytes
 # neither, so simple-protocol writes with inlined values are not parsed once per text.
 _HINT_START = re.compile(rb"\s*(?:re)?set\b", re.I)
 _HINT_INSIDE = re.compile(rb"set_config|advisory|discard|(?:[;\n\r\x00]|\*/)\s*(?:re)?set\b", re.I)
+_PREFILTER_MAX = 8192  # bytes: longer texts go straight to the regex (no copy)
 # Analyses cached per query text (bytes, not entries: see router/parse.py).
 CACHE_BYTES = 4 * 1024 * 1024
 # Settings whose value is a list of identifiers: elements are quoted as SET does
@@ -54,6 +55,12 @@ def may_change(text, start: int = 0, end: int | None = None) -> bool:
     """
     if end is None:
         end = len(text)
+    if end - start <= _PREFILTER_MAX:
+        # Every pattern below holds one of these words: three substring tests on a
+        # lower-cased copy rule out most queries at a quarter of a regex's cost.
+        low = text[start:end].lower()
+        if b"set" not in low and b"advisory" not in low and b"discard" not in low:
+            return False
     return bool(_HINT_START.match(text, start, end) or _HINT_INSIDE.search(text, start, end))
 
 

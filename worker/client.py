@@ -503,9 +503,9 @@ class ClientSession:
         await self._finish_reply(srv)
 
     @staticmethod
-    def _start_request(srv: ServerConn) -> None:
+    def _start_request(srv: ServerConn, now: float | None = None) -> None:
         if not srv.owes_reply():
-            srv.req_start = now = trio.current_time()
+            srv.req_start = now = trio.current_time() if now is None else now
             if srv.tx == P.TX_IDLE:
                 srv.xact_start = now
 
@@ -1417,14 +1417,7 @@ class ClientSession:
                 self._settle(srv, self.change_queue.popleft(), before)
             elif self.tx_backup is not None and srv.tx == P.TX_IDLE:
                 self._end_transaction(srv, before)
-            pool = srv.pool
-            now = trio.current_time()
-            pool.query_count += 1
-            pool.query_time += int((now - srv.req_start) * 1_000_000)
-            srv.req_start = now
-            if srv.tx == P.TX_IDLE:
-                pool.xact_count += 1
-                pool.xact_time += int((now - srv.xact_start) * 1_000_000)
+            srv.count_reply(trio.current_time())
         elif t == P.B_PARAMETER_STATUS:
             name, value = M.read_parameter_status(buf[b0:b1])
             srv.conn.params[name] = value
@@ -1693,19 +1686,19 @@ class ClientSession:
         if out:
             await self.send(b"".join(out))
 
-    def _maybe_release(self) -> None:
+    def _maybe_release(self, now: float | None = None) -> None:
         srv = self.server
         if srv is None or self.mode == "session":
             return
         if srv.broken:
             self.server = None
-            srv.pool.checkin(srv)
+            srv.pool.checkin(srv, now)
             return
         if srv.owes_reply() or srv.unsynced or srv.copy_in or srv.skip or self.pinned:
             return
         if srv.tx == P.TX_IDLE:
             self.server = None
-            srv.pool.checkin(srv)
+            srv.pool.checkin(srv, now)
 
     async def _server_lost(self, srv: ServerConn) -> None:
         """The server went away mid-request.

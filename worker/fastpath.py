@@ -26,6 +26,7 @@ in flight here are ignored), so the steady state costs no epoll_ctl per transact
 
 from __future__ import annotations
 
+import contextlib
 import heapq
 import itertools
 import logging
@@ -39,6 +40,7 @@ import trio
 from pgherd.shared import net
 from pgherd.shared.wire import errors as E
 from pgherd.shared.wire import protocol as P
+from pgherd.shared.wire.framing import HEADER
 
 log = logging.getLogger("pgherd.fastpath")
 
@@ -60,8 +62,40 @@ TASK, IDLE, WAITING, FLIGHT = 0, 1, 2, 3
 # that arrived together would otherwise leave the close unseen until a read that never comes.
 _EDGE_IN = select.EPOLLIN | select.EPOLLRDHUP | select.EPOLLET
 _QUERIES = (P.F_QUERY,) * 8
+# Server messages ClientSession._scan_server acts on (the rest pass as they are), and the
+# expectations whose ReadyForQuery it only counts (no SET to settle).
+_SCANNED = frozenset([P.B_ERROR_RESPONSE, P.B_READY_FOR_QUERY, P.B_COPY_IN_RESPONSE,
+                      P.B_COPY_BOTH_RESPONSE, P.B_PARAMETER_STATUS])
+_PLAIN_EXPECT = frozenset([P.F_QUERY, P.F_SYNC])
+_unpack_hdr = HEADER.unpack_from
 _HUP = select.EPOLLRDHUP | select.EPOLLHUP | select.EPOLLERR
 _NETWORK_GONE = (ConnectionResetError, BrokenPipeError, TimeoutError)
+_MAX_WAIT = 3600.0  # seconds: the longest single epoll wait (no timer due)
+
+
+def _trio_runner():
+    """trio's run loop, if the reactor may wait in its own epoll (Reactor.before_io_wait).
+
+    That needs three of trio's internals, checked here so that another trio falls
+    back to the plain loop: the run queue, the epoll set and its forced wake-up.
+    The system clock, too: tests' autojump clocks need trio to do the waiting.
+    """
+    try:
+        from trio._core._run import GLOBAL_RUN_CONTEXT, SystemClock
+        runner = GLOBAL_RUN_CONTEXT.runner
+        ok = (type(runner.clock) is SystemClock and not runner.is_guest
+              and isinstance(runner.io_manager._epoll, select.epoll)
+              and callable(runner.io_manager.force_wakeup) and hasattr(runner.runq, "__len__"))
+    except (ImportError, AttributeError):
+        return None
+    return runner if ok else None
+
+
+class _IdleHook(trio.abc.Instrument):
+    """trio calls before_io_wait each time round its loop, after the last runnable task."""
+
+    def __init__(self, reactor: "Reactor") -> None:
+        self.before_io_wait = reactor.before_io_wait
 
 
 class _Waiter:
@@ -75,7 +109,7 @@ class _Waiter:
         self.server = None
         self.may_connect = False
         self.done = False
-        self.started = trio.current_time()
+        self.started = reactor.now
 
     @property
     def event(self) -> "_Waiter":
@@ -90,9 +124,7 @@ class _Waiter:
 
     def leave(self) -> None:
         """Out of the pool's queue and its statistics (served, timed out or cancelled)."""
-        pool = self.pool
-        pool.waiting_since.pop(id(self), None)
-        pool.wait_time += int((trio.current_time() - self.started) * 1_000_000)
+        self.pool.wait_time += int((self.reactor.now - self.started) * 1_000_000)
 
 
 class Reactor:
@@ -108,48 +140,124 @@ class Reactor:
         self._busy = False
         self._pending: deque = deque()
         self.closed = False
+        self._runner = None  # trio's run loop, when the reactor waits in before_io_wait
+        self._trio_fd = -1
+        # trio's clock, read once per wake-up for everything the callbacks time (as PgBouncer's
+        # cached time): checkout, check-in, query and transaction statistics.
+        self._clock = trio.current_time
+        self.now = 0.0
 
     # ---------------------------------------------------------------- the task
     async def run(self) -> None:
-        fd = self.ep.fileno()
+        runner = _trio_runner()
         try:
-            deadlines = self.deadlines
-            while True:
-                while deadlines and deadlines[0][2].done:
-                    heapq.heappop(deadlines)  # served or cancelled: forget its deadline
-                if deadlines:
-                    with trio.move_on_at(deadlines[0][0]):
-                        await trio.lowlevel.wait_readable(fd)
-                else:
-                    await trio.lowlevel.wait_readable(fd)
-                self._busy = True
+            if runner is None:
+                await self._run_in_trio()
+            else:
+                self._runner = runner
+                self._clock = runner.clock.current_time
+                self._trio_fd = runner.io_manager._epoll.fileno()
+                self.ep.register(self._trio_fd, select.EPOLLIN)
+                instrument = _IdleHook(self)
+                trio.lowlevel.add_instrument(instrument)
                 try:
-                    owner = self.owner
-                    for fd_ready, events in self.ep.poll(0):
-                        c = owner.get(fd_ready)
-                        if c is None:
-                            if fd_ready in self.registered:
-                                self.stale.add(fd_ready)  # a server not in flight here spoke
-                        else:
-                            try:
-                                if fd_ready == c.fast_fd:
-                                    if events & _HUP:
-                                        c.fast_hup = True
-                                    self._on_client(c)
-                                else:
-                                    self._on_server(c, events & _HUP)
-                            except Exception as exc:
-                                self._failed(c, exc)
-                    if deadlines:
-                        self._expire()
-                    self._drain()
+                    await trio.sleep_forever()
                 finally:
-                    self._busy = False
+                    with contextlib.suppress(KeyError):  # (trio drops an instrument that raised)
+                        trio.lowlevel.remove_instrument(instrument)
         except Exception:
             # Never take the worker down: the clients carry on in their own tasks.
             log.exception("fast path stopped; clients are served by their own tasks from now on")
         finally:
             self._close()
+
+    def before_io_wait(self, timeout: float) -> None:
+        """trio is about to wait for its I/O (every task has run): serve the parked clients.
+
+        Busy (timeout 0): a look at the reactor's sockets in passing. Idle: wait in
+        the reactor's own epoll rather than trio's, for as long as trio would have
+        (the timeout is its next timer). trio's epoll set is a member of ours, so its
+        sockets' events (other tasks' I/O, run_sync_soon from threads, signals) end
+        the wait and trio's own wait then returns at once. A callback here that
+        makes a task runnable, or trio's timer coming due, also ends it, and a
+        forced wake-up keeps trio from waiting out its timeout again. With only
+        parked clients about, a transaction costs two epoll_waits and no trio
+        scheduling at all.
+        """
+        if not self.owner or self.closed:
+            return
+        try:
+            self._wait(timeout)
+        except Exception:
+            log.exception("fast path stopped; clients are served by their own tasks from now on")
+            self._close()
+            self._runner.io_manager.force_wakeup()
+
+    def _wait(self, timeout: float) -> None:
+        trio_fd, poll, ours = self._trio_fd, self.ep.poll, self.deadlines
+        if timeout <= 0:
+            self._dispatch(poll(0), trio_fd)
+            return
+        runner = self._runner
+        runq, now = runner.runq, runner.clock.current_time
+        until = now() + timeout
+        while True:
+            while ours and ours[0][2].done:
+                heapq.heappop(ours)  # served or cancelled: forget its deadline
+            wait = (ours[0][0] if ours and ours[0][0] < until else until) - now()
+            if wait > 0:
+                if self._dispatch(poll(wait if wait < _MAX_WAIT else _MAX_WAIT), trio_fd):
+                    return  # trio's own sockets have events: its wait returns at once
+            else:
+                self._dispatch((), trio_fd)  # a checkout_timeout of ours (or trio's timer) is due
+            if runq or not self.owner or now() >= until:
+                runner.io_manager.force_wakeup()
+                return
+
+    async def _run_in_trio(self) -> None:
+        """The plain loop (another clock, guest mode, another trio): wait for the epoll set in trio."""
+        fd = self.ep.fileno()
+        deadlines = self.deadlines
+        while True:
+            while deadlines and deadlines[0][2].done:
+                heapq.heappop(deadlines)
+            if deadlines:
+                with trio.move_on_at(deadlines[0][0]):
+                    await trio.lowlevel.wait_readable(fd)
+            else:
+                await trio.lowlevel.wait_readable(fd)
+            self._dispatch(self.ep.poll(0), -1)
+
+    def _dispatch(self, events, trio_fd: int) -> bool:
+        """Run the callbacks for ready sockets; True if trio_fd was among them."""
+        trio_ready = False
+        self._busy = True
+        self.now = self._clock()
+        try:
+            owner = self.owner
+            for fd_ready, ev in events:
+                c = owner.get(fd_ready)
+                if c is None:
+                    if fd_ready == trio_fd:
+                        trio_ready = True
+                    elif fd_ready in self.registered:
+                        self.stale.add(fd_ready)  # a server not in flight here spoke
+                    continue
+                try:
+                    if fd_ready == c.fast_fd:
+                        if ev & _HUP:
+                            c.fast_hup = True
+                        self._on_client(c)
+                    else:
+                        self._on_server(c, ev & _HUP)
+                except Exception as exc:
+                    self._failed(c, exc)
+            if self.deadlines:
+                self._expire()
+            self._drain()
+        finally:
+            self._busy = False
+        return trio_ready
 
     def _close(self) -> None:
         """The reactor stops (worker shutdown, or a bug): every parked client goes back to its task."""
@@ -170,6 +278,7 @@ class Reactor:
             self._pending.append((fn, c))
             return
         self._busy = True
+        self.now = self._clock()
         try:
             self._call(fn, c)
             self._drain()
@@ -269,7 +378,7 @@ class Reactor:
             if ctx.paused or ctx.maintenance or pool.closed or c.cluster.closed:
                 self._handover(c, n)
                 return
-            srv = pool.try_checkout()
+            srv = pool.try_checkout(self.now)
             if srv is None:
                 if pool.idle or (pool.total < pool.settings.pool_size and not pool.waiters):
                     self._handover(c, n)  # a health check or a new connection: the task waits for it
@@ -297,7 +406,7 @@ class Reactor:
         self._send(c, srv)
 
     def _send(self, c, srv) -> None:
-        c._start_request(srv)
+        c._start_request(srv, self.now)
         queries = c.fast_queries
         if queries:  # only Queries that leave session state alone: _scan_client's bookkeeping, in short
             srv.expect.extend(_QUERIES[:queries] if queries <= len(_QUERIES) else [P.F_QUERY] * queries)
@@ -355,7 +464,9 @@ class Reactor:
                 self._handover(c, LOST)
                 return
             conn.rend += n
-            p = c._scan_server(srv)
+            p = self._plain_reply(c, srv, conn)
+            if p < 0:
+                p = c._scan_server(srv)
             start = conn.rstart
             if p > start:
                 srv.pool.sent += p - start
@@ -381,7 +492,7 @@ class Reactor:
         c.fast_sfd = -1
         if hup:
             srv.broken = True  # it answered, then hung up: never hand it out again
-        c._maybe_release()
+        c._maybe_release(self.now)
         if c.fast_abort or not c._fast_ok(c.server):
             self._handover(c, 0)
             return
@@ -390,11 +501,40 @@ class Reactor:
             c.fast_more = False
             self._on_client(c)
 
+    def _plain_reply(self, c, srv, conn) -> int:
+        """c._scan_server for the common reply, or -1 with nothing done.
+
+        Common: whole messages, none of which _scan_server acts on, and the last a
+        ReadyForQuery answering the one Query or Sync the server owes, for a client
+        with no session changes waiting on it.
+        """
+        if srv.skip or c.change_queue or c.tx_backup is not None:
+            return -1
+        buf, p, end = conn.rbuf, conn.rstart, conn.rend
+        while True:
+            if end - p < 5:
+                return -1
+            t, length = _unpack_hdr(buf, p)
+            stop = p + 1 + length
+            if stop > end or length < 4:
+                return -1
+            if t == P.B_READY_FOR_QUERY:
+                break
+            if t in _SCANNED:
+                return -1
+            p = stop
+        expect = srv.expect
+        if stop != end or length != 5 or len(expect) != 1 or expect[0] not in _PLAIN_EXPECT:
+            return -1
+        expect.popleft()
+        srv.tx = buf[p + 5]
+        srv.count_reply(self.now)
+        return end
+
     # ---------------------------------------------------------------- waiting for a server
     def _enqueue(self, c, pool) -> None:
         waiter = c.fast_waiter = _Waiter(self, c, pool)
         pool.waiters.append(waiter)
-        pool.waiting_since[id(waiter)] = waiter.started
         heapq.heappush(self.deadlines, (waiter.started + pool.settings.checkout_timeout, next(self._seq), waiter))
         c.state = "waiting"
         c.fast_state = WAITING
@@ -423,6 +563,7 @@ class Reactor:
         waiter, c.fast_waiter = c.fast_waiter, None
         if waiter is None:
             return
+        self.now = self._clock()  # (also called from other tasks: cancel, shutdown)
         pool = waiter.pool
         if not waiter.done:
             waiter.done = True
@@ -430,7 +571,7 @@ class Reactor:
         waiter.leave()
 
     def _expire(self) -> None:
-        now = trio.current_time()
+        now = self.now
         deadlines = self.deadlines
         while deadlines and deadlines[0][0] <= now:
             waiter = heapq.heappop(deadlines)[2]

@@ -53,12 +53,14 @@ class PoolSettings:
 
 
 class _Waiter:
-    __slots__ = ("event", "server", "may_connect")
+    """A client's place in a pool's FIFO (worker/fastpath.py has the reactor's kind)."""
+    __slots__ = ("event", "server", "may_connect", "started")
 
-    def __init__(self) -> None:
+    def __init__(self, started: float) -> None:
         self.event = trio.Event()
         self.server: ServerConn | None = None
         self.may_connect = False
+        self.started = started
 
 
 class Pool:
@@ -100,7 +102,6 @@ class Pool:
         self.xact_time = 0
         self.query_time = 0
         self.wait_time = 0
-        self.waiting_since: dict[int, float] = {}
 
     @property
     def name(self) -> str:
@@ -108,13 +109,15 @@ class Pool:
         return f"{self.user}@{self.database} ({s.host}:{s.port})"
 
     # ------------------------------------------------------------ checkout
-    def try_checkout(self) -> ServerConn | None:
+    def try_checkout(self, now: float | None = None) -> ServerConn | None:
         """An idle server ready for use right now, without awaiting (the common case).
 
         None when the pool has no idle server, or the next one has been idle longer
         than healthcheck_interval and must be checked first (checkout does that).
+        now: the caller's clock reading (trio's clock), if it has one.
         """
-        now = trio.current_time()
+        if now is None:
+            now = trio.current_time()
         while self.idle:
             srv = self.idle[-1]  # LIFO: the most recently used connection is warmest
             if now - srv.last_used > self.settings.healthcheck_interval:
@@ -149,10 +152,9 @@ class Pool:
         return await self._wait()
 
     async def _wait(self) -> ServerConn:
-        waiter = _Waiter()
-        self.waiters.append(waiter)
         started = trio.current_time()
-        self.waiting_since[id(waiter)] = started
+        waiter = _Waiter(started)
+        self.waiters.append(waiter)
         try:
             with trio.move_on_after(self.settings.checkout_timeout):
                 await waiter.event.wait()
@@ -169,7 +171,6 @@ class Pool:
                 self._wake_one()
             raise
         finally:
-            del self.waiting_since[id(waiter)]
             self.wait_time += int((trio.current_time() - started) * 1_000_000)
         if not waiter.event.is_set():
             self.waiters.remove(waiter)
@@ -233,11 +234,11 @@ class Pool:
                         hint="check that Postgres is running and reachable from pgherd")
 
     # ------------------------------------------------------------ checkin
-    def checkin(self, srv: ServerConn) -> None:
+    def checkin(self, srv: ServerConn, now: float | None = None) -> None:
         """Return a server from a client. Dirty or expired servers are closed."""
         self.active -= 1
         srv.client = None
-        srv.last_used = now = trio.current_time()
+        srv.last_used = now = trio.current_time() if now is None else now
         if not srv.idle or self.closed or self._expired(srv, now) or srv.generation != self.generation:
             self._discard(srv)
             return
@@ -356,9 +357,9 @@ class Pool:
 
     def maxwait(self) -> float:
         """Seconds the oldest waiting client has waited (PgBouncer's maxwait)."""
-        if not self.waiting_since:
+        if not self.waiters:
             return 0.0
-        return trio.current_time() - min(self.waiting_since.values())
+        return trio.current_time() - self.waiters[0].started
 
     def close_all(self) -> None:
         self.closed = True
