@@ -504,7 +504,7 @@ class ClientSession:
 
     @staticmethod
     def _start_request(srv: ServerConn, now: float | None = None) -> None:
-        if not srv.owes_reply():
+        if not srv.expect or not srv.owes_reply():
             srv.req_start = now = trio.current_time() if now is None else now
             if srv.tx == P.TX_IDLE:
                 srv.xact_start = now
@@ -520,11 +520,9 @@ class ClientSession:
     def _fast_ok(self, srv: ServerConn | None) -> bool:
         """May the reactor wait for this client's next request (and serve it if plain)?"""
         ctx = self.ctx
-        return (self.mode == "transaction" and not self.tracked and not self.skip and not self.end
+        return (not self.end and not self.tracked and self.mode == "transaction" and not self.skip
                 and not self.needs_sync and self.begun is None and not self.notify_queue
-                and type(self.sock) is socket.socket and not self.cluster.replicated
-                and not (ctx.client_idle_timeout or ctx.client_idle_in_transaction_timeout
-                         or ctx.query_timeout)
+                and not ctx.timed_clients and not self.cluster.replicated and type(self.sock) is socket.socket
                 and (srv is None or (type(srv.sock) is socket.socket and not srv.owes_reply()
                                      and not srv.unsynced and not srv.copy_in and not srv.skip
                                      and not srv.actions)))
@@ -1694,7 +1692,7 @@ class ClientSession:
             self.server = None
             srv.pool.checkin(srv, now)
             return
-        if srv.owes_reply() or srv.unsynced or srv.copy_in or srv.skip or self.pinned:
+        if (srv.expect and srv.owes_reply()) or srv.unsynced or srv.copy_in or srv.skip or self.pinned:
             return
         if srv.tx == P.TX_IDLE:
             self.server = None

@@ -87,6 +87,9 @@ class WorkerContext:
         self.query_timeout = _seconds(g.query_timeout)
         self.client_idle_timeout = _seconds(g.client_idle_timeout)
         self.client_idle_in_transaction_timeout = _seconds(g.client_idle_in_transaction_timeout)
+        # Timers the fast path does not keep (worker/fastpath.py): any set keeps clients off it.
+        self.timed_clients = bool(self.query_timeout or self.client_idle_timeout
+                                  or self.client_idle_in_transaction_timeout)
         self.connection_recovery = g.connection_recovery
         # TLS contexts are rebuilt on every reload, so RELOAD picks up new certificates.
         self.client_tls = (tls.server_context(g.tls_certificate, g.tls_private_key, g.tls_client_ca_certificate)

@@ -61,12 +61,12 @@ TASK, IDLE, WAITING, FLIGHT = 0, 1, 2, 3
 # Edge-triggered, with the peer's close reported as such: after a short read, data and a close
 # that arrived together would otherwise leave the close unseen until a read that never comes.
 _EDGE_IN = select.EPOLLIN | select.EPOLLRDHUP | select.EPOLLET
-_QUERIES = (P.F_QUERY,) * 8
 # Server messages ClientSession._scan_server acts on (the rest pass as they are), and the
 # expectations whose ReadyForQuery it only counts (no SET to settle).
 _SCANNED = frozenset([P.B_ERROR_RESPONSE, P.B_READY_FOR_QUERY, P.B_COPY_IN_RESPONSE,
                       P.B_COPY_BOTH_RESPONSE, P.B_PARAMETER_STATUS])
 _PLAIN_EXPECT = frozenset([P.F_QUERY, P.F_SYNC])
+_F_QUERY, _B_READY = P.F_QUERY, P.B_READY_FOR_QUERY
 _unpack_hdr = HEADER.unpack_from
 _HUP = select.EPOLLRDHUP | select.EPOLLHUP | select.EPOLLERR
 _NETWORK_GONE = (ConnectionResetError, BrokenPipeError, TimeoutError)
@@ -360,7 +360,7 @@ class Reactor:
         end = c.end
         free = len(c.buf) - end
         try:
-            n = c.sock.recv_into(c.view[end:])
+            n = c.sock.recv_into(c.view[end:] if end else c.buf)
         except BlockingIOError:
             return
         except OSError:
@@ -409,7 +409,10 @@ class Reactor:
         c._start_request(srv, self.now)
         queries = c.fast_queries
         if queries:  # only Queries that leave session state alone: _scan_client's bookkeeping, in short
-            srv.expect.extend(_QUERIES[:queries] if queries <= len(_QUERIES) else [P.F_QUERY] * queries)
+            if queries == 1:
+                srv.expect.append(_F_QUERY)
+            else:
+                srv.expect.extend([_F_QUERY] * queries)
             srv.unsynced = False
             fwd = c.end
         else:
@@ -425,7 +428,10 @@ class Reactor:
             c.fast_out = (sent, fwd)
             self._handover(c, SENT)
             return
-        c._consume(fwd)
+        if fwd == c.end:
+            c.end = 0
+        else:
+            c._consume(fwd)
         sock = srv.sock
         fd = c.fast_sfd = sock.fileno()
         if self.registered.get(fd) is not sock:
@@ -449,13 +455,16 @@ class Reactor:
         srv = c.server
         conn = srv.conn
         while True:
-            if conn.rstart == conn.rend:
-                conn.rstart = conn.rend = 0
-            elif conn.rend == len(conn.rbuf):
+            rend = conn.rend
+            if conn.rstart == rend:
+                conn.rstart = conn.rend = rend = 0
+            elif rend == len(conn.rbuf):
                 conn._compact()
-            free = len(conn.rbuf) - conn.rend
+                rend = conn.rend
+            rbuf = conn.rbuf
+            free = len(rbuf) - rend
             try:
-                n = srv.sock.recv_into(memoryview(conn.rbuf)[conn.rend:])
+                n = srv.sock.recv_into(memoryview(rbuf)[rend:] if rend else rbuf)
             except BlockingIOError:
                 return
             except _NETWORK_GONE:
@@ -484,7 +493,7 @@ class Reactor:
                     c.fast_reply_end = p
                     self._handover(c, SENT)
                     return
-            if not srv.owes_reply():
+            if not srv.expect or not srv.owes_reply():
                 break
             if n < free and not hup:
                 return  # all read: the next edge brings the rest
@@ -518,7 +527,7 @@ class Reactor:
             stop = p + 1 + length
             if stop > end or length < 4:
                 return -1
-            if t == P.B_READY_FOR_QUERY:
+            if t == _B_READY:
                 break
             if t in _SCANNED:
                 return -1
