@@ -631,3 +631,41 @@ def test_sigterm_drains_and_exits(pgherd, client, helpers, pg_admin):
     for c in idle:
         with pytest.raises(psycopg.OperationalError):
             c.execute("select 1")
+
+
+# ---------------------------------------------------------------------------------------------
+# 13. The reactor waits in its own epoll while trio is idle: trio's tasks must not starve
+
+
+def test_tasks_stay_prompt_while_the_reactor_is_busy(fp, client, helpers):
+    """Logins and task-served (tracked, extended-protocol) clients next to busy parked clients.
+
+    The reactor blocks in its own epoll set, which holds trio's: every wake-up of a task (a
+    socket of trio's, a task made runnable by a callback, a timer) must end that wait at once.
+    A wake-up it missed would leave the task waiting for trio's next timer (a quarter of a
+    second or more), so 300 queries and 20 logins would take over a minute instead of seconds.
+    """
+    busy = [client(fp) for _ in range(6)]
+    stop = threading.Event()
+
+    def hammer(i: int) -> None:
+        while not stop.is_set():
+            assert busy[i].execute("select %s::int", (i,)).fetchone() == (i,)
+
+    load = [Call(lambda i=i: hammer(i)) for i in range(len(busy))]
+    try:
+        tracked = client(fp, simple=False)  # prepared statements: served by its own task
+        started = time.monotonic()
+        for j in range(300):
+            assert tracked.execute("select %s::int + 1", (j,)).fetchone() == (j + 1,)
+        queries = time.monotonic() - started
+        started = time.monotonic()
+        for _ in range(20):
+            with helpers.connect(fp.dsn("alice", None)) as conn:
+                assert conn.execute("select 1").fetchone() == (1,)
+        logins = time.monotonic() - started
+    finally:
+        stop.set()
+        for call in load:
+            assert call.outcome()[1] is None
+    assert queries < 20 and logins < 20, f"300 task-served queries took {queries:.1f} s, 20 logins {logins:.1f} s"
