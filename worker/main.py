@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import gc
 import logging
 import os
 import signal
@@ -172,6 +173,10 @@ async def _worker_process(index: int, bus_dir: str) -> int:
             ctx.set_state(welcome.paused, welcome.maintenance)
             ctx.health.update(welcome.hosts)  # bans and roles from the supervisor's monitor
             link.send(Ready(index=index))
+            # What is loaded by now (modules, the config, pglast) lives as long as the worker:
+            # out of the cyclic GC's reach, a full collection takes under a millisecond instead
+            # of pausing every client for about 13 ms (measured on the bench machine).
+            gc.freeze()
     finally:
         link.close()
     return 0
