@@ -5,10 +5,11 @@ for every wait: twice per transaction (wait for the client, wait for the server)
 Measured on the 2-core bench machine, a byte forwarder built as one task per client
 spends about 40 µs of CPU per `pgbench -S` transaction; the same forwarder driven by
 callbacks from one epoll spends about 25 µs. So a client whose next request is plain
-(see ClientSession._fast_ok) parks its task here, and one Reactor task per worker:
+(see ClientSession._fast_ok) parks its task here, and one Reactor per worker:
 
-- waits for the reactor's own epoll set to become readable (one trio wait for all
-  sockets), then runs callbacks for the ready sockets;
+- waits in its own epoll set whenever trio has nothing else to do (Reactor.before_io_wait,
+  a trio instrument hook; the set includes trio's own epoll fd), then runs callbacks for the
+  ready sockets outside any task, so a transaction costs no trio scheduling at all;
 - reads the client's request; if it is whole Query (or, without prepared-statement
   rewriting, unnamed extended) messages ending in Query or Sync, checks out an idle
   server (or queues for one in the pool's FIFO, with checkout_timeout), sends it and
@@ -199,7 +200,7 @@ class Reactor:
             self._dispatch(poll(0), trio_fd)
             return
         runner = self._runner
-        runq, now = runner.runq, runner.clock.current_time
+        runq, now = runner.runq, self._clock
         until = now() + timeout
         while True:
             while ours and ours[0][2].done:
