@@ -504,7 +504,7 @@ class ClientSession:
 
     @staticmethod
     def _start_request(srv: ServerConn, now: float | None = None) -> None:
-        if not srv.expect or not srv.owes_reply():
+        if not srv.owes_reply():
             srv.req_start = now = trio.current_time() if now is None else now
             if srv.tx == P.TX_IDLE:
                 srv.xact_start = now
@@ -1692,7 +1692,7 @@ class ClientSession:
             self.server = None
             srv.pool.checkin(srv, now)
             return
-        if (srv.expect and srv.owes_reply()) or srv.unsynced or srv.copy_in or srv.skip or self.pinned:
+        if srv.owes_reply() or srv.unsynced or srv.copy_in or srv.skip or self.pinned:
             return
         if srv.tx == P.TX_IDLE:
             self.server = None

@@ -494,7 +494,7 @@ class Reactor:
                     c.fast_reply_end = p
                     self._handover(c, SENT)
                     return
-            if not srv.expect or not srv.owes_reply():
+            if not srv.owes_reply():
                 break
             if n < free and not hup:
                 return  # all read: the next edge brings the rest

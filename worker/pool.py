@@ -275,7 +275,7 @@ class Pool:
 
     def _expired(self, srv: ServerConn, now: float | None = None) -> bool:
         life = self.settings.server_lifetime
-        return bool(life) and (now or trio.current_time()) - srv.created > life
+        return bool(life) and (trio.current_time() if now is None else now) - srv.created > life
 
     # ------------------------------------------------------------ client params
     async def login_params(self, settings: dict[str, str]) -> dict[str, str]:

@@ -132,7 +132,7 @@ class ServerConn:
     @property
     def idle(self) -> bool:
         """True when the server owes no client anything and is outside a transaction."""
-        return (not (self.expect and self.owes_reply()) and not self.unsynced and not self.actions and not self.copy_in
+        return (not self.owes_reply() and not self.unsynced and not self.actions and not self.copy_in
                 and self.tx == P.TX_IDLE and not self.broken and self.skip == 0
                 and self.conn.rstart == self.conn.rend)
 
