@@ -33,6 +33,7 @@ import itertools
 import logging
 import select
 import socket
+import struct
 from collections import deque
 
 import outcome
@@ -67,7 +68,7 @@ _EDGE_IN = select.EPOLLIN | select.EPOLLRDHUP | select.EPOLLET
 _SCANNED = frozenset([P.B_ERROR_RESPONSE, P.B_READY_FOR_QUERY, P.B_COPY_IN_RESPONSE,
                       P.B_COPY_BOTH_RESPONSE, P.B_PARAMETER_STATUS])
 _PLAIN_EXPECT = frozenset([P.F_QUERY, P.F_SYNC])
-_F_QUERY, _B_READY = P.F_QUERY, P.B_READY_FOR_QUERY
+_F_QUERY, _B_READY, _TX_IDLE = P.F_QUERY, P.B_READY_FOR_QUERY, P.TX_IDLE
 _unpack_hdr = HEADER.unpack_from
 _HUP = select.EPOLLRDHUP | select.EPOLLHUP | select.EPOLLERR
 _NETWORK_GONE = (ConnectionResetError, BrokenPipeError, TimeoutError)
@@ -125,7 +126,7 @@ class _Waiter:
 
     def leave(self) -> None:
         """Out of the pool's queue and its statistics (served, timed out or cancelled)."""
-        self.pool.wait_time += int((self.reactor.now - self.started) * 1_000_000)
+        self.pool.wait_time += self.reactor.now - self.started
 
 
 class Reactor:
@@ -200,18 +201,21 @@ class Reactor:
             self._dispatch(poll(0), trio_fd)
             return
         runner = self._runner
-        runq, now = runner.runq, self._clock
-        until = now() + timeout
+        runq = runner.runq
+        until = (now := self._clock()) + timeout
         while True:
             while ours and ours[0][2].done:
                 heapq.heappop(ours)  # served or cancelled: forget its deadline
-            wait = (ours[0][0] if ours and ours[0][0] < until else until) - now()
+            wait = (ours[0][0] if ours and ours[0][0] < until else until) - now
             if wait > 0:
                 if self._dispatch(poll(wait if wait < _MAX_WAIT else _MAX_WAIT), trio_fd):
                     return  # trio's own sockets have events: its wait returns at once
             else:
                 self._dispatch((), trio_fd)  # a checkout_timeout of ours (or trio's timer) is due
-            if runq or not self.owner or now() >= until:
+            # (The clock as _dispatch read it, before its callbacks: the next wait ends
+            # later by their run time at most.)
+            now = self.now
+            if runq or not self.owner or now >= until:
                 runner.io_manager.force_wakeup()
                 return
 
@@ -255,7 +259,8 @@ class Reactor:
                     self._failed(c, exc)
             if self.deadlines:
                 self._expire()
-            self._drain()
+            if self._pending:
+                self._drain()
         finally:
             self._busy = False
         return trio_ready
@@ -407,7 +412,10 @@ class Reactor:
         self._send(c, srv)
 
     def _send(self, c, srv) -> None:
-        c._start_request(srv, self.now)
+        # c._start_request, knowing that a parked client's server owes no reply (_fast_ok).
+        srv.req_start = now = self.now
+        if srv.tx == _TX_IDLE:
+            srv.xact_start = now
         queries = c.fast_queries
         if queries:  # only Queries that leave session state alone: _scan_client's bookkeeping, in short
             if queries == 1:
@@ -474,7 +482,7 @@ class Reactor:
                 self._handover(c, LOST)
                 return
             conn.rend += n
-            p = self._plain_reply(c, srv, conn)
+            p = plain = self._plain_reply(c, srv, conn)
             if p < 0:
                 p = c._scan_server(srv)
             start = conn.rstart
@@ -494,8 +502,8 @@ class Reactor:
                     c.fast_reply_end = p
                     self._handover(c, SENT)
                     return
-            if not srv.owes_reply():
-                break
+            if plain >= 0 or not srv.owes_reply():
+                break  # (after a plain reply, the server owes nothing)
             if n < free and not hup:
                 return  # all read: the next edge brings the rest
         del self.owner[c.fast_sfd]
@@ -521,23 +529,20 @@ class Reactor:
         if srv.skip or c.change_queue or c.tx_backup is not None:
             return -1
         buf, p, end = conn.rbuf, conn.rstart, conn.rend
-        while True:
-            if end - p < 5:
-                return -1
-            t, length = _unpack_hdr(buf, p)
-            stop = p + 1 + length
-            if stop > end or length < 4:
-                return -1
-            if t == _B_READY:
-                break
-            if t in _SCANNED:
-                return -1
-            p = stop
+        try:
+            while True:
+                t, length = _unpack_hdr(buf, p)
+                p += 1 + length
+                if t in _SCANNED or length < 4 or p >= end:
+                    break
+        except struct.error:  # a header cut short at the buffer's end
+            return -1
+        # (A header cut short inside the buffer reads stale bytes: p lands past end, or length < 4.)
         expect = srv.expect
-        if stop != end or length != 5 or len(expect) != 1 or expect[0] not in _PLAIN_EXPECT:
+        if p != end or length != 5 or t != _B_READY or len(expect) != 1 or expect[0] not in _PLAIN_EXPECT:
             return -1
         expect.popleft()
-        srv.tx = buf[p + 5]
+        srv.tx = buf[end - 1]
         srv.count_reply(self.now)
         return end
 

@@ -99,9 +99,10 @@ class Pool:
         self.query_count = 0
         self.received = 0
         self.sent = 0
-        self.xact_time = 0
-        self.query_time = 0
-        self.wait_time = 0
+        # Seconds (trio's clock), summed as floats: no rounding per transaction.
+        self.xact_time = 0.0
+        self.query_time = 0.0
+        self.wait_time = 0.0
 
     @property
     def name(self) -> str:
@@ -171,7 +172,7 @@ class Pool:
                 self._wake_one()
             raise
         finally:
-            self.wait_time += int((trio.current_time() - started) * 1_000_000)
+            self.wait_time += trio.current_time() - started
         if not waiter.event.is_set():
             self.waiters.remove(waiter)
             raise self.timeout_error()
@@ -274,8 +275,7 @@ class Pool:
             waiter.event.set()
 
     def _expired(self, srv: ServerConn, now: float | None = None) -> bool:
-        life = self.settings.server_lifetime
-        return bool(life) and (trio.current_time() if now is None else now) - srv.created > life
+        return 0 < self.settings.server_lifetime < (trio.current_time() if now is None else now) - srv.created
 
     # ------------------------------------------------------------ client params
     async def login_params(self, settings: dict[str, str]) -> dict[str, str]:

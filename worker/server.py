@@ -84,11 +84,11 @@ class ServerConn:
         """Statistics for a ReadyForQuery just accounted: a query done, maybe a transaction."""
         pool = self.pool
         pool.query_count += 1
-        pool.query_time += int((now - self.req_start) * 1_000_000)
+        pool.query_time += now - self.req_start
         self.req_start = now
         if self.tx == P.TX_IDLE:
             pool.xact_count += 1
-            pool.xact_time += int((now - self.xact_start) * 1_000_000)
+            pool.xact_time += now - self.xact_start
 
     def ready_for_query(self) -> int | None:
         """Account for one ReadyForQuery: the expectation it answers, None if none was expected."""

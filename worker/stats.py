@@ -48,8 +48,10 @@ def snapshot(ctx) -> dict:
             "sv_login": pool.opening, "maxwait": pool.maxwait(),
             "paused": ctx.gated(pool.database), "banned": ctx.health.banned(pool.key), "errors": pool.errors,
             "xact_count": pool.xact_count, "query_count": pool.query_count,
-            "received": pool.received, "sent": pool.sent, "xact_time": pool.xact_time,
-            "query_time": pool.query_time, "wait_time": pool.wait_time,
+            "received": pool.received, "sent": pool.sent,
+            # Microseconds, as PgBouncer's SHOW STATS.
+            "xact_time": int(pool.xact_time * 1_000_000), "query_time": int(pool.query_time * 1_000_000),
+            "wait_time": int(pool.wait_time * 1_000_000),
         })
         for srv in pool.idle:
             servers.append(_server_row(ctx, pool, srv, "idle", now, wall))
