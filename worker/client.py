@@ -27,6 +27,7 @@ from pgherd.shared.wire import errors as E
 from pgherd.shared.wire import messages as M
 from pgherd.shared.wire import protocol as P
 from pgherd.shared.wire.framing import HEADER, STARTUP_HEADER, iter_messages, startup_length
+from pgherd.shared.wire.scan import plain_queries
 
 from . import auth, fastpath, pubsub
 from .admin import serve_admin
@@ -539,8 +540,14 @@ class ClientSession:
         else 0 (the reactor runs _scan_client).
         """
         buf, ctx = self.buf, self.ctx
-        extended = not ctx.rewrite_prepared
         max_size = ctx.max_message_size
+        if not ctx.rewrite_sql_prepared and ctx.pubsub is None:
+            # The common request in one scan (C, shared/wire/scan.py): only Queries
+            # without a word that may change session state (so no lone SET, no LISTEN).
+            queries = plain_queries(buf, end, max_size)
+            if queries > 0:
+                return queries
+        extended = not ctx.rewrite_prepared
         p = t = queries = 0
         simple = True
         while p < end:

@@ -33,7 +33,6 @@ import itertools
 import logging
 import select
 import socket
-import struct
 from collections import deque
 
 import outcome
@@ -42,7 +41,7 @@ import trio
 from pgherd.shared import net
 from pgherd.shared.wire import errors as E
 from pgherd.shared.wire import protocol as P
-from pgherd.shared.wire.framing import HEADER
+from pgherd.shared.wire.scan import reply_end as _reply_end
 
 log = logging.getLogger("pgherd.fastpath")
 
@@ -63,13 +62,9 @@ TASK, IDLE, WAITING, FLIGHT = 0, 1, 2, 3
 # Edge-triggered, with the peer's close reported as such: after a short read, data and a close
 # that arrived together would otherwise leave the close unseen until a read that never comes.
 _EDGE_IN = select.EPOLLIN | select.EPOLLRDHUP | select.EPOLLET
-# Server messages ClientSession._scan_server acts on (the rest pass as they are), and the
-# expectations whose ReadyForQuery it only counts (no SET to settle).
-_SCANNED = frozenset([P.B_ERROR_RESPONSE, P.B_READY_FOR_QUERY, P.B_COPY_IN_RESPONSE,
-                      P.B_COPY_BOTH_RESPONSE, P.B_PARAMETER_STATUS])
+# The expectations whose ReadyForQuery ClientSession._scan_server only counts (no SET to settle).
 _PLAIN_EXPECT = frozenset([P.F_QUERY, P.F_SYNC])
-_F_QUERY, _B_READY, _TX_IDLE = P.F_QUERY, P.B_READY_FOR_QUERY, P.TX_IDLE
-_unpack_hdr = HEADER.unpack_from
+_F_QUERY, _TX_IDLE = P.F_QUERY, P.TX_IDLE
 _HUP = select.EPOLLRDHUP | select.EPOLLHUP | select.EPOLLERR
 _NETWORK_GONE = (ConnectionResetError, BrokenPipeError, TimeoutError)
 _MAX_WAIT = 3600.0  # seconds: the longest single epoll wait (no timer due)
@@ -528,18 +523,8 @@ class Reactor:
         """
         if srv.skip or c.change_queue or c.tx_backup is not None:
             return -1
-        buf, p, end = conn.rbuf, conn.rstart, conn.rend
-        try:
-            while True:
-                t, length = _unpack_hdr(buf, p)
-                p += 1 + length
-                if t in _SCANNED or length < 4 or p >= end:
-                    break
-        except struct.error:  # a header cut short at the buffer's end
-            return -1
-        # (A header cut short inside the buffer reads stale bytes: p lands past end, or length < 4.)
-        expect = srv.expect
-        if p != end or length != 5 or t != _B_READY or len(expect) != 1 or expect[0] not in _PLAIN_EXPECT:
+        buf, end, expect = conn.rbuf, conn.rend, srv.expect
+        if len(expect) != 1 or expect[0] not in _PLAIN_EXPECT or _reply_end(buf, conn.rstart, end) < 0:
             return -1
         expect.popleft()
         srv.tx = buf[end - 1]

@@ -13,6 +13,7 @@ import trio
 
 from pgherd.shared import net
 from pgherd.shared.logs import setup_logging
+from pgherd.shared.wire import scan
 
 from .client import ClientSession
 from .context import WorkerContext
@@ -47,6 +48,9 @@ async def serve(config, index: int = 0, *, link=None, workers: int = 1, node: in
     g = config.general
     listeners = bind_listener(g.host, g.port)
     log.info("worker %d listening on %s:%d", index, g.host, g.port)
+    if index == 0 and not scan.ACCELERATED:
+        log.warning("the C extension pgherd.shared.wire._scan is not in use (not built, or PGHERD_NO_SPEEDUPS "
+                    "set): the fast path scans in Python, at more CPU per transaction")
     if link is not None:
         link.ctx = ctx
     with trio.open_signal_receiver(*stop_signals) as signals:
