@@ -476,9 +476,18 @@ class Reactor:
             if n == 0:
                 self._handover(c, LOST)
                 return
-            conn.rend += n
-            p = plain = self._plain_reply(c, srv, conn)
-            if p < 0:
+            conn.rend = p = rend + n
+            expect = srv.expect
+            # c._scan_server, for the common reply: whole messages, none it acts on, the last a
+            # ReadyForQuery answering the one Query or Sync the server owes, for a client with
+            # no session changes waiting on it.
+            plain = (len(expect) == 1 and expect[0] in _PLAIN_EXPECT and not srv.skip and not c.change_queue
+                     and c.tx_backup is None and _reply_end(rbuf, conn.rstart, p) >= 0)
+            if plain:
+                expect.popleft()
+                srv.tx = rbuf[p - 1]
+                srv.count_reply(self.now)
+            else:
                 p = c._scan_server(srv)
             start = conn.rstart
             if p > start:
@@ -497,7 +506,7 @@ class Reactor:
                     c.fast_reply_end = p
                     self._handover(c, SENT)
                     return
-            if plain >= 0 or not srv.owes_reply():
+            if plain or not srv.owes_reply():
                 break  # (after a plain reply, the server owes nothing)
             if n < free and not hup:
                 return  # all read: the next edge brings the rest
@@ -513,23 +522,6 @@ class Reactor:
         if c.fast_more:
             c.fast_more = False
             self._on_client(c)
-
-    def _plain_reply(self, c, srv, conn) -> int:
-        """c._scan_server for the common reply, or -1 with nothing done.
-
-        Common: whole messages, none of which _scan_server acts on, and the last a
-        ReadyForQuery answering the one Query or Sync the server owes, for a client
-        with no session changes waiting on it.
-        """
-        if srv.skip or c.change_queue or c.tx_backup is not None:
-            return -1
-        buf, end, expect = conn.rbuf, conn.rend, srv.expect
-        if len(expect) != 1 or expect[0] not in _PLAIN_EXPECT or _reply_end(buf, conn.rstart, end) < 0:
-            return -1
-        expect.popleft()
-        srv.tx = buf[end - 1]
-        srv.count_reply(self.now)
-        return end
 
     # ---------------------------------------------------------------- waiting for a server
     def _enqueue(self, c, pool) -> None:

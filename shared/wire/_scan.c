@@ -14,24 +14,41 @@ msg_length(const unsigned char *p)
     return ((Py_ssize_t)p[0] << 24) | ((Py_ssize_t)p[1] << 16) | ((Py_ssize_t)p[2] << 8) | (Py_ssize_t)p[3];
 }
 
-static inline unsigned char
-lower(unsigned char c)
+/* Does text[0:n] hold word (lower case letters) in any ASCII case, from position i? */
+static inline int
+word_at(const unsigned char *text, Py_ssize_t n, Py_ssize_t i, const char *word, Py_ssize_t wlen)
 {
-    return (c >= 'A' && c <= 'Z') ? (unsigned char)(c + ('a' - 'A')) : c;
+    Py_ssize_t j;
+    if (n - i < wlen)
+        return 0;
+    for (j = 1; j < wlen; j++) {
+        /* (c | 0x20) is the lower case of an ASCII letter, and no other byte gives a letter's lower case */
+        if ((text[i + j] | 0x20) != (unsigned char)word[j])
+            return 0;
+    }
+    return 1;
 }
 
-/* Does text[0:n] hold word (lower case) in any ASCII case? */
+/* Does text[0:n] hold "set", "advisory" or "discard" in any ASCII case? One pass. */
 static int
-has_word(const unsigned char *text, Py_ssize_t n, const char *word, Py_ssize_t wlen)
+has_session_word(const unsigned char *text, Py_ssize_t n)
 {
-    Py_ssize_t i, j;
-    for (i = 0; i + wlen <= n; i++) {
-        if (lower(text[i]) != (unsigned char)word[0])
-            continue;
-        for (j = 1; j < wlen && lower(text[i + j]) == (unsigned char)word[j]; j++)
-            ;
-        if (j == wlen)
-            return 1;
+    Py_ssize_t i;
+    for (i = 0; i < n; i++) {
+        switch (text[i] | 0x20) {
+        case 's':
+            if (word_at(text, n, i, "set", 3))
+                return 1;
+            break;
+        case 'a':
+            if (word_at(text, n, i, "advisory", 8))
+                return 1;
+            break;
+        case 'd':
+            if (word_at(text, n, i, "discard", 7))
+                return 1;
+            break;
+        }
     }
     return 0;
 }
@@ -85,8 +102,7 @@ plain_queries(PyObject *self, PyObject *const *args, Py_ssize_t nargs)
         if (length < 4 || length > max_size || length > end - p - 1)
             goto no;
         body = b + p + 5;
-        if (has_word(body, length - 4, "set", 3) || has_word(body, length - 4, "advisory", 8)
-                || has_word(body, length - 4, "discard", 7))
+        if (has_session_word(body, length - 4))
             goto no;
         count++;
         p += 1 + length;
