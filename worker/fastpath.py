@@ -536,8 +536,6 @@ class Reactor:
         waiter, c.fast_waiter = c.fast_waiter, None
         pool, srv = waiter.pool, waiter.server
         waiter.leave()
-        if srv is not None:
-            pool.active += 1
         if c.fast_state != WAITING:  # (cannot happen: a client leaves the queue when it leaves here)
             if srv is not None:
                 pool.checkin(srv)

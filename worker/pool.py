@@ -165,7 +165,6 @@ class Pool:
             if not waiter.event.is_set():
                 self.waiters.remove(waiter)
             elif waiter.server is not None:
-                self.active += 1
                 self.checkin(waiter.server)
             elif waiter.may_connect:
                 self.total -= 1
@@ -177,7 +176,6 @@ class Pool:
             self.waiters.remove(waiter)
             raise self.timeout_error()
         if waiter.server is not None:
-            self.active += 1
             return waiter.server
         # Woken with a free slot (a connection closed): open one ourselves.
         return await self.open_for_checkout()
@@ -236,19 +234,24 @@ class Pool:
 
     # ------------------------------------------------------------ checkin
     def checkin(self, srv: ServerConn, now: float | None = None) -> None:
-        """Return a server from a client. Dirty or expired servers are closed."""
-        self.active -= 1
+        """Return a server from a client. Dirty or expired servers are closed.
+
+        A server handed straight to a waiting client stays counted in `active`: no
+        moment shows it unused (PAUSE returns once no server is active).
+        """
         srv.client = None
         srv.last_used = now = trio.current_time() if now is None else now
         if not srv.idle or self.closed or self._expired(srv, now) or srv.generation != self.generation:
+            self.active -= 1
             self._discard(srv)
             return
         srv.expect.clear()  # only stray COPY_END markers can be left here
         if self.waiters:
             waiter = self.waiters.popleft()
-            waiter.server = srv  # counted in self.active by the waiter on wake-up
+            waiter.server = srv
             waiter.event.set()
             return
+        self.active -= 1
         self.idle.append(srv)
 
     async def _healthy(self, srv: ServerConn) -> bool:
@@ -345,6 +348,7 @@ class Pool:
             srv = self.idle.pop()
             waiter = self.waiters.popleft()
             waiter.server = srv
+            self.active += 1  # (see checkin)
             waiter.event.set()
 
     def reconnect(self) -> None:
