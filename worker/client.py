@@ -1699,9 +1699,9 @@ class ClientSession:
             self.server = None
             srv.pool.checkin(srv, now)
             return
-        if srv.owes_reply() or srv.unsynced or srv.copy_in or srv.skip or self.pinned:
-            return
-        if srv.tx == P.TX_IDLE:
+        if srv.tx != P.TX_IDLE or srv.unsynced or srv.copy_in or srv.skip or (srv.expect and srv.owes_reply()):
+            return  # (owes_reply() is needed only when expect holds something: a call saved per release)
+        if not self.pinned:
             self.server = None
             srv.pool.checkin(srv, now)
 

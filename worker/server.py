@@ -13,6 +13,8 @@ from pgherd.shared.wire import protocol as P
 
 from .prepared import ServerStatements
 
+_TX_IDLE = P.TX_IDLE
+
 # recv flags of the liveness check, as a plain int (OR-ing the enum flags costs more than the syscall).
 _PEEK = int(socket.MSG_PEEK | socket.MSG_DONTWAIT)
 
@@ -132,9 +134,9 @@ class ServerConn:
     @property
     def idle(self) -> bool:
         """True when the server owes no client anything and is outside a transaction."""
-        return (not self.owes_reply() and not self.unsynced and not self.actions and not self.copy_in
-                and self.tx == P.TX_IDLE and not self.broken and self.skip == 0
-                and self.conn.rstart == self.conn.rend)
+        return (self.tx == _TX_IDLE and not self.unsynced and not self.actions and not self.copy_in
+                and not self.broken and self.skip == 0 and self.conn.rstart == self.conn.rend
+                and (not self.expect or not self.owes_reply()))
 
     def looks_alive(self) -> bool:
         """An idle server has nothing to say: data or EOF waiting means it is gone.
