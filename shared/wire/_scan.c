@@ -14,7 +14,7 @@ msg_length(const unsigned char *p)
     return ((Py_ssize_t)p[0] << 24) | ((Py_ssize_t)p[1] << 16) | ((Py_ssize_t)p[2] << 8) | (Py_ssize_t)p[3];
 }
 
-/* Does text[0:n] hold word (lower case letters) in any ASCII case, from position i? */
+/* Does text[i:i+wlen] equal word (lower case) in any ASCII case? Its first letter is known to. */
 static inline int
 word_at(const unsigned char *text, Py_ssize_t n, Py_ssize_t i, const char *word, Py_ssize_t wlen)
 {
@@ -22,30 +22,61 @@ word_at(const unsigned char *text, Py_ssize_t n, Py_ssize_t i, const char *word,
     if (n - i < wlen)
         return 0;
     for (j = 1; j < wlen; j++) {
-        /* (c | 0x20) is the lower case of an ASCII letter, and no other byte gives a letter's lower case */
-        if ((text[i + j] | 0x20) != (unsigned char)word[j])
+        unsigned char c = text[i + j];
+        if (c >= 'A' && c <= 'Z')
+            c |= 0x20;
+        if (c != (unsigned char)word[j])
             return 0;
     }
     return 1;
 }
 
-/* Does text[0:n] hold "set", "advisory" or "discard" in any ASCII case? One pass. */
-static int
-has_session_word(const unsigned char *text, Py_ssize_t n)
+/* Python's \s and \w for bytes patterns: ASCII only. */
+static inline int
+is_space(unsigned char c)
 {
-    Py_ssize_t i;
+    return c == ' ' || (c >= '\t' && c <= '\r');
+}
+
+static inline int
+is_word(unsigned char c)
+{
+    return ((c | 0x20) >= 'a' && (c | 0x20) <= 'z') || (c >= '0' && c <= '9') || c == '_';
+}
+
+/* router.settings.may_change(text[0:n]): would _HINT_START or _HINT_INSIDE match?
+ *   _HINT_START   \s*(?:re)?set\b                                    at the start, any case
+ *   _HINT_INSIDE  set_config|advisory|discard|(?:[;\n\r\x00]|\*\/)\s*(?:re)?set\b   anywhere
+ * One pass: at each "set", "advisory" or "discard" (first letter by switch), the rest is
+ * checked around it. tests/unit/test_scan.py holds this against the regular expressions. */
+static int
+may_change(const unsigned char *t, Py_ssize_t n)
+{
+    Py_ssize_t i, j, k;
     for (i = 0; i < n; i++) {
-        switch (text[i] | 0x20) {
-        case 's':
-            if (word_at(text, n, i, "set", 3))
-                return 1;
-            break;
+        switch (t[i] | 0x20) {
         case 'a':
-            if (word_at(text, n, i, "advisory", 8))
+            if (word_at(t, n, i, "advisory", 8))
                 return 1;
             break;
         case 'd':
-            if (word_at(text, n, i, "discard", 7))
+            if (word_at(t, n, i, "discard", 7))
+                return 1;
+            break;
+        case 's':
+            if (!word_at(t, n, i, "set", 3))
+                break;
+            if (word_at(t, n, i, "set_config", 10))
+                return 1;
+            if (i + 3 < n && is_word(t[i + 3]))
+                break;  /* not set\b */
+            /* (re)set: "re" must then follow the delimiter, as 'e' is neither space nor delimiter */
+            j = (i >= 2 && (t[i - 2] | 0x20) == 'r' && (t[i - 1] | 0x20) == 'e') ? i - 2 : i;
+            for (k = j - 1; k >= 0 && is_space(t[k]); k--) {
+                if (t[k] == '\n' || t[k] == '\r')
+                    return 1;  /* a delimiter that \s* also covers */
+            }
+            if (k < 0 || t[k] == ';' || t[k] == '\0' || (t[k] == '/' && k >= 1 && t[k - 1] == '*'))
                 return 1;
             break;
         }
@@ -66,8 +97,8 @@ get_range(Py_buffer *view, Py_ssize_t start, Py_ssize_t end)
 PyDoc_STRVAR(plain_queries_doc,
 "plain_queries(buf, end, max_size) -> int\n\n"
 "The number of Query messages in buf[:end] if it holds nothing else (whole messages,\n"
-"each length between 4 and max_size) and no query text contains 'set', 'advisory' or\n"
-"'discard' in any ASCII case; else -1.");
+"each length between 4 and max_size) and router.settings.may_change is false for every\n"
+"query text; else -1.");
 
 static PyObject *
 plain_queries(PyObject *self, PyObject *const *args, Py_ssize_t nargs)
@@ -102,7 +133,8 @@ plain_queries(PyObject *self, PyObject *const *args, Py_ssize_t nargs)
         if (length < 4 || length > max_size || length > end - p - 1)
             goto no;
         body = b + p + 5;
-        if (has_session_word(body, length - 4))
+        /* the query text, without its terminating NUL (as ClientSession._plain_request passes it) */
+        if (may_change(body, length > 4 ? length - 5 : 0))
             goto no;
         count++;
         p += 1 + length;

@@ -2,14 +2,16 @@
 
 `plain_queries` and `reply_end` are the C functions from `_scan.c` when that
 extension was compiled at install (it needs a C compiler and Python's headers),
-and the Python functions below otherwise: the same answers, at about three times
-the CPU per transaction. ACCELERATED says which; tests/unit/test_scan.py checks
-that the two agree.
+and the Python functions below otherwise: the same answers, at 10-15 % more CPU
+per pgbench transaction (docs/benchmarks.md). ACCELERATED says which;
+tests/unit/test_scan.py checks that the two agree.
 """
 
 from __future__ import annotations
 
 import os
+
+from pgherd.router.settings import may_change
 
 from .framing import HEADER
 
@@ -24,9 +26,8 @@ _SCANNED = frozenset(b"EZGWS")
 def plain_queries_py(buf, end: int, max_size: int) -> int:
     """The number of Query messages in buf[:end] if it holds nothing else and leaves session state alone.
 
-    Whole messages only, each length between 4 and max_size, and no query text
-    containing "set", "advisory" or "discard" in any ASCII case (every statement
-    that may change session state holds one: router.settings.may_change). Else -1.
+    Whole messages only, each length between 4 and max_size, and may_change false
+    for every query text (without its terminating NUL). Else -1.
     """
     p = count = 0
     while p < end:
@@ -35,8 +36,7 @@ def plain_queries_py(buf, end: int, max_size: int) -> int:
         t, length = _unpack_hdr(buf, p)
         if t != _Q or length < 4 or length > max_size or length > end - p - 1:
             return -1
-        low = buf[p + 5:p + 1 + length].lower()
-        if low.find(b"set") >= 0 or low.find(b"advisory") >= 0 or low.find(b"discard") >= 0:
+        if may_change(buf, p + 5, p + length):
             return -1
         count += 1
         p += 1 + length

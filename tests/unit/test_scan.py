@@ -1,8 +1,8 @@
 """shared/wire/scan.py: the fast path's byte scans, in C (_scan.c) and in Python.
 
 The C functions must give the Python reference's answer for every input, and
-plain_queries must never pass a query router.settings.may_change would look at
-(a miss means a SET the client's next server does not get).
+plain_queries must decide every query text as router.settings.may_change does (a
+miss means a SET the client's next server does not get).
 """
 
 from __future__ import annotations
@@ -58,8 +58,11 @@ def test_known_requests_and_replies(plain_queries, reply_end):
     assert plain_queries(buf, len(PGBENCH) - 1, BIG) == -1  # a message cut short
     assert plain_queries(buf, 3, BIG) == -1  # a header cut short
     assert plain_queries(buf, len(PGBENCH), 10) == -1  # over max_message_size
-    for sql in ["UPDATE t SET a = 1", "reset all", "select pg_advisory_lock(1)", "DISCARD ALL", "SeT x=1"]:
+    for sql in ["reset all", "select pg_advisory_lock(1)", "DISCARD ALL", "SeT x=1", "select 1;set x=1",
+                "/* c */ SET x=1", "select 1\n  reset x", "select set_config('a', 'b', false)", " set"]:
         assert plain_queries(bytearray(query(sql)), len(query(sql)), BIG) == -1, sql
+    for sql in ["UPDATE t SET a = 1", "select 1 offset 2", "select 1 as reset", "select 'preset'", "select settings"]:
+        assert plain_queries(bytearray(query(sql)), len(query(sql)), BIG) == 1, sql
     for other in [msg(b"P", b"\x00select 1\x00\x00\x00") + msg(b"S", b""), msg(b"X", b"")]:
         assert plain_queries(other, len(other), BIG) == -1
     assert plain_queries(b"", 0, BIG) == -1
@@ -91,8 +94,9 @@ def test_the_c_scans_check_their_arguments():
         _scan.plain_queries(bytearray(10), 1)
 
 
-WORDS = st.sampled_from(["set", "SeT", "reset", "advisory", "ADVISORY", "discard", "Discard", "select 1",
-                         "se", "t", "advisor", "discar", " ", ";", "\n", "update t ", "é"])
+WORDS = st.sampled_from(["set", "SeT", "reset", "RE", "advisory", "ADVISORY", "discard", "Discard", "select 1",
+                         "se", "t", "advisor", "discar", "_config", "_x", "off", " ", "\t", "\x0b", ";", "\n",
+                         "\r", "\x00", "*/", "/*", "*", "/", "update t ", "é", "1"])
 SQL = st.lists(WORDS, max_size=6).map("".join)
 TYPES = st.sampled_from(b"QPBEDSZCTGWHX1")
 MESSAGE = st.one_of(
@@ -118,13 +122,19 @@ def test_c_and_python_agree(messages, cut_start, cut_end, max_size):
     assert py[1] in (-1, end)
 
 
-@settings(max_examples=400, deadline=None)
+@settings(max_examples=1500, deadline=None)
 @given(SQL)
 @example("SET search_path = a")
-def test_plain_queries_never_passes_what_may_change(sql):
+@example("x\n set")
+@example("x */ReSet")
+@example("x\x00 set")
+def test_plain_queries_decides_as_may_change(sql):
+    """The C scan implements may_change's regular expressions by hand: it must agree on every text."""
     q = query(sql)
-    if may_change(q, 5, len(q) - 1):
-        assert scan.plain_queries(q, len(q), BIG) == -1
+    expected = -1 if may_change(q, 5, len(q) - 1) else 1
+    assert scan.plain_queries_py(q, len(q), BIG) == expected
+    if _scan is not None:
+        assert _scan.plain_queries(q, len(q), BIG) == expected
 
 
 @pytest.mark.parametrize("sql", CHANGING)
