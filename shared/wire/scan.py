@@ -2,7 +2,7 @@
 
 `plain_queries` and `reply_end` are the C functions from `_scan.c` when that
 extension was compiled at install (it needs a C compiler and Python's headers),
-and the Python functions below otherwise: the same answers, at 10-15 % more CPU
+and the Python functions below otherwise: the same answers, at 11-24 % more CPU
 per pgbench transaction (docs/benchmarks.md). ACCELERATED says which;
 tests/unit/test_scan.py checks that the two agree.
 """
