@@ -84,10 +84,29 @@ may_change(const unsigned char *t, Py_ssize_t n)
     return 0;
 }
 
+/* Both functions take (buf, x, y): buf as a buffer, x and y as integers, with start..end (two
+ * of 0, x, y) inside the buffer. 0 with the buffer held, or -1 with an exception set. */
 static int
-get_range(Py_buffer *view, Py_ssize_t start, Py_ssize_t end)
+get_args(PyObject *const *args, Py_ssize_t nargs, const char *usage, Py_buffer *view, Py_ssize_t *x,
+         Py_ssize_t *y, int x_is_start)
 {
+    Py_ssize_t start, end;
+    if (nargs != 3) {
+        PyErr_Format(PyExc_TypeError, "%s takes 3 arguments", usage);
+        return -1;
+    }
+    *x = PyLong_AsSsize_t(args[1]);
+    if (*x == -1 && PyErr_Occurred())
+        return -1;
+    *y = PyLong_AsSsize_t(args[2]);
+    if (*y == -1 && PyErr_Occurred())
+        return -1;
+    if (PyObject_GetBuffer(args[0], view, PyBUF_SIMPLE) < 0)
+        return -1;
+    start = x_is_start ? *x : 0;
+    end = x_is_start ? *y : *x;
     if (start < 0 || end < start || end > view->len) {
+        PyBuffer_Release(view);
         PyErr_SetString(PyExc_ValueError, "start and end must lie within the buffer");
         return -1;
     }
@@ -107,22 +126,8 @@ plain_queries(PyObject *self, PyObject *const *args, Py_ssize_t nargs)
     Py_ssize_t end, max_size, p = 0, count = 0;
     const unsigned char *b;
 
-    if (nargs != 3) {
-        PyErr_SetString(PyExc_TypeError, "plain_queries(buf, end, max_size) takes 3 arguments");
+    if (get_args(args, nargs, "plain_queries(buf, end, max_size)", &view, &end, &max_size, 0) < 0)
         return NULL;
-    }
-    end = PyLong_AsSsize_t(args[1]);
-    if (end == -1 && PyErr_Occurred())
-        return NULL;
-    max_size = PyLong_AsSsize_t(args[2]);
-    if (max_size == -1 && PyErr_Occurred())
-        return NULL;
-    if (PyObject_GetBuffer(args[0], &view, PyBUF_SIMPLE) < 0)
-        return NULL;
-    if (get_range(&view, 0, end) < 0) {
-        PyBuffer_Release(&view);
-        return NULL;
-    }
     b = (const unsigned char *)view.buf;
     while (p < end) {
         Py_ssize_t length;
@@ -159,22 +164,8 @@ reply_end(PyObject *self, PyObject *const *args, Py_ssize_t nargs)
     Py_ssize_t start, end, p, result = -1;
     const unsigned char *b;
 
-    if (nargs != 3) {
-        PyErr_SetString(PyExc_TypeError, "reply_end(buf, start, end) takes 3 arguments");
+    if (get_args(args, nargs, "reply_end(buf, start, end)", &view, &start, &end, 1) < 0)
         return NULL;
-    }
-    start = PyLong_AsSsize_t(args[1]);
-    if (start == -1 && PyErr_Occurred())
-        return NULL;
-    end = PyLong_AsSsize_t(args[2]);
-    if (end == -1 && PyErr_Occurred())
-        return NULL;
-    if (PyObject_GetBuffer(args[0], &view, PyBUF_SIMPLE) < 0)
-        return NULL;
-    if (get_range(&view, start, end) < 0) {
-        PyBuffer_Release(&view);
-        return NULL;
-    }
     b = (const unsigned char *)view.buf;
     for (p = start; end - p >= 5;) {
         unsigned char t = b[p];
