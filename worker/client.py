@@ -542,8 +542,9 @@ class ClientSession:
         buf, ctx = self.buf, self.ctx
         max_size = ctx.max_message_size
         if not ctx.rewrite_sql_prepared and ctx.pubsub is None:
-            # The common request in one scan (C, shared/wire/scan.py): only Queries
-            # without a word that may change session state (so no lone SET, no LISTEN).
+            # The common request in one scan (C, shared/wire/scan.py): only Queries, none
+            # of which may_change finds anything in (so no lone SET either). LISTEN matters
+            # only with pubsub, and SQL PREPARE only with "full": both take the loop below.
             queries = plain_queries(buf, end, max_size)
             if queries > 0:
                 return queries

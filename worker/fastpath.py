@@ -14,7 +14,8 @@ callbacks from one epoll spends about 25 µs. So a client whose next request is 
   rewriting, unnamed extended) messages ending in Query or Sync, checks out an idle
   server (or queues for one in the pool's FIFO, with checkout_timeout), sends it and
   relays the reply, using the client's own synchronous bookkeeping (_scan_client,
-  _scan_server, _maybe_release) so the accounting is the slow path's;
+  _scan_server, _maybe_release) so the accounting is the slow path's; the common
+  request and reply are recognised by one scan each (shared/wire/scan.py, in C);
 - hands the client back to its task (with a code saying what is left to do) whenever
   anything needs waiting or anything unusual happens: a partial message, a short
   send, a lost server, a SET it could answer locally, a server with other settings,

@@ -88,7 +88,7 @@ class ServerConn:
         pool.query_count += 1
         pool.query_time += now - self.req_start
         self.req_start = now
-        if self.tx == P.TX_IDLE:
+        if self.tx == _TX_IDLE:
             pool.xact_count += 1
             pool.xact_time += now - self.xact_start
 
