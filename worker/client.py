@@ -504,9 +504,9 @@ class ClientSession:
         await self._finish_reply(srv)
 
     @staticmethod
-    def _start_request(srv: ServerConn, now: float | None = None) -> None:
+    def _start_request(srv: ServerConn) -> None:
         if not srv.owes_reply():
-            srv.req_start = now = trio.current_time() if now is None else now
+            srv.req_start = now = trio.current_time()
             if srv.tx == P.TX_IDLE:
                 srv.xact_start = now
 

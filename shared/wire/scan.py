@@ -13,14 +13,15 @@ import os
 
 from pgherd.router.settings import may_change
 
+from . import protocol as P
 from .framing import HEADER
 
 _unpack_hdr = HEADER.unpack_from
-_Q = ord("Q")
-_Z = ord("Z")
-# ErrorResponse, ReadyForQuery, CopyInResponse, CopyBothResponse, ParameterStatus: replies
-# ClientSession._scan_server must act on.
-_SCANNED = frozenset(b"EZGWS")
+_Q = P.F_QUERY
+_Z = P.B_READY_FOR_QUERY
+# Replies ClientSession._scan_server must act on (_scan.c tests the same five).
+_SCANNED = frozenset([P.B_ERROR_RESPONSE, P.B_READY_FOR_QUERY, P.B_COPY_IN_RESPONSE,
+                      P.B_COPY_BOTH_RESPONSE, P.B_PARAMETER_STATUS])
 
 
 def plain_queries_py(buf, end: int, max_size: int) -> int:
